@@ -1,0 +1,43 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both install what they need.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+SYSTEM_STAMP := $(VENV)/.system-stamp
+ARGS   ?=
+
+.PHONY: setup test lint unit e2e demo bench clean
+
+setup: $(STAMP)
+
+# System tools the tests and the demo use (openssl for the independent certificate check,
+# iproute2/iptables for multi-host tests). Installed once with apt-get when missing.
+$(SYSTEM_STAMP):
+	@python3 -m venv $(VENV)
+	@missing=""; for t in openssl:openssl ip:iproute2 iptables:iptables; do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "warning: missing system packages:$$missing (run as root to install)"; fi; fi
+	@touch $@
+
+$(STAMP): pyproject.toml $(SYSTEM_STAMP)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check verity tests bench demo
+	$(VENV)/bin/mypy verity tests bench demo
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(VENV)/bin/pytest -q tests
+
+demo: setup
+	$(PY) -m demo $(ARGS)
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
