@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTEM_STAMP := $(VENV)/.system-stamp
 ARGS   ?=
 
-.PHONY: setup test lint unit e2e demo bench clean
+.PHONY: setup test lint demo bench proto clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ demo: setup
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Regenerate the gRPC code of the wire protocols (committed, so users need no protoc).
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iverity/protocol=verity/protocol --python_out=. --pyi_out=. \
+	  --grpc_python_out=. verity/protocol/*.proto
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
