@@ -8,6 +8,7 @@ hash-chained audit trail inside the same transaction, and streams changes to wat
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ class ObjectKey:
     name: str
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
+        if self.namespace:
+            return f"{self.kind} {self.namespace}/{self.name}"
+        return f"{self.kind} {self.name}"
 
 
 @dataclass(frozen=True)
@@ -141,11 +144,11 @@ class Store(Protocol):
         kind: str | None = None,
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
-    ) -> list[StoredObject]: ...
+    ) -> builtins.list[StoredObject]: ...
 
     async def write(
         self, ops: Sequence[WriteOp], actor: str, dry_run: bool = False
-    ) -> list[WriteResult]:
+    ) -> builtins.list[WriteResult]:
         """Apply all ops in one transaction (all or nothing), each recorded in the audit trail."""
         ...
 
@@ -161,9 +164,9 @@ class Store(Protocol):
         namespace: str | None = None,
         actor: str | None = None,
         limit: int | None = None,
-    ) -> list[AuditEntry]: ...
+    ) -> builtins.list[AuditEntry]: ...
 
-    async def audit_verify(self) -> list[str]:
+    async def audit_verify(self) -> builtins.list[str]:
         """Problems found in the audit hash chain; empty when it is intact."""
         ...
 
@@ -171,7 +174,7 @@ class Store(Protocol):
 
     async def find_token(self, secret_hash: str) -> TokenRecord | None: ...
 
-    async def list_tokens(self) -> list[TokenRecord]: ...
+    async def list_tokens(self) -> builtins.list[TokenRecord]: ...
 
     async def revoke_token(self, name: str, at: str) -> bool: ...
 
