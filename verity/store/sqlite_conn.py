@@ -55,7 +55,7 @@ def storage_error(exc: sqlite3.Error, path: Path) -> StoreError:
     if primary == _SQLITE_FULL:
         return StorageUnavailable(f"data dir {data_dir} is full: {detail}")
     if primary == _SQLITE_IOERR:
-        return StorageUnavailable(f"data dir {data_dir} failed: {detail}")
+        return StorageUnavailable(f"storage failed in data dir {data_dir}: {detail}")
     if primary == _SQLITE_CANTOPEN:
         reason = read_only_reason(data_dir)
         if reason:
@@ -74,7 +74,7 @@ def os_storage_error(exc: OSError, path: Path) -> StorageUnavailable:
         return StorageUnavailable(f"data dir {data_dir} is read-only: {exc.strerror}")
     if exc.errno in _FULL_ERRNOS:
         return StorageUnavailable(f"data dir {data_dir} is full: {exc.strerror}")
-    return StorageUnavailable(f"data dir {data_dir} failed: {exc.strerror or exc}")
+    return StorageUnavailable(f"storage failed in data dir {data_dir}: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager
