@@ -62,10 +62,17 @@ def _load_provided(
         raise InvalidCA(str(exc)) from None
     chain = _provided_chain(certificate_pem, root_pem)
     warnings: list[str] = []
+    # Each certificate's own properties first: they give the most useful reason (an
+    # expired or SHA-1 root would otherwise surface as "does not verify").
     for position, certificate in enumerate(chain):
         label = "certificate" if position == 0 else f"issuer #{position} {subject_of(certificate)}"
         warnings += _check_ca_certificate(certificate, label, now, position)
         _check_name_constraints(certificate, label, trust_domain)
+    if not _is_self_signed(chain[-1]):
+        raise InvalidCA(
+            f"chain ends at {subject_of(chain[-1])}, which is not a self-signed root; "
+            "include the root certificate"
+        )
     key = _load_private_key(private_key_pem)
     return CertificateAuthority(
         kind=CAKind.PROVIDED,
@@ -107,11 +114,6 @@ def _provided_chain(certificate_pem: bytes, root_pem: bytes | None) -> list[x509
             raise InvalidCA(f"root PEM must hold exactly one certificate, it holds {len(roots)}")
         if chain[-1] != roots[0]:
             chain.append(roots[0])
-    if not _is_self_signed(chain[-1]):
-        raise InvalidCA(
-            f"chain ends at {subject_of(chain[-1])}, which is not a self-signed root; "
-            "include the root certificate"
-        )
     return chain
 
 
