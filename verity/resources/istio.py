@@ -107,12 +107,23 @@ class PeerMtls(Model):
     mode: PeerMode = "UNSET"
 
 
+def check_port_keys(ports: dict[Any, PeerMtls]) -> dict[Any, PeerMtls]:
+    # YAML gives int keys (8080:), JSON string keys ("8080"): both are accepted.
+    problems = Problems()
+    for key in ports:
+        reason = _port_key_reason(key)
+        if reason:
+            problems.add((key,), reason)
+    problems.raise_if_any()
+    return ports
+
+
 class PeerAuthenticationSpec(Model):
     """Which mTLS mode the selected workloads accept, optionally per port."""
 
     selector: WorkloadSelector | None = None
     mtls: PeerMtls | None = None
-    port_level_mtls: dict[Any, PeerMtls] | None = None
+    port_level_mtls: Annotated[dict[Any, PeerMtls], AfterValidator(check_port_keys)] | None = None
 
     @model_validator(mode="after")
     def _port_level(self) -> PeerAuthenticationSpec:
@@ -127,10 +138,6 @@ class PeerAuthenticationSpec(Model):
                 "needs a selector with matchLabels: mesh- and namespace-wide policies "
                 "cannot set port-level mTLS",
             )
-        for key in self.port_level_mtls:
-            reason = _port_key_reason(key)
-            if reason:
-                problems.add(("portLevelMtls", key), reason)
         problems.raise_if_any()
         return self
 
@@ -391,22 +398,26 @@ class RuleTo(Model):
     operation: Operation
 
 
+def check_from_not_empty(value: list[RuleFrom]) -> list[RuleFrom]:
+    if not value:
+        raise ValueError("must not be empty (omit it to match any source)")
+    return value
+
+
+def check_to_not_empty(value: list[RuleTo]) -> list[RuleTo]:
+    if not value:
+        raise ValueError("must not be empty (omit it to match any operation)")
+    return value
+
+
 class Rule(Model):
     """Matches when one `from`, one `to` and all `when` conditions match; `{}` matches all."""
 
-    from_: list[RuleFrom] | None = Field(default=None, alias="from")
-    to: list[RuleTo] | None = None
+    from_: Annotated[list[RuleFrom], AfterValidator(check_from_not_empty)] | None = Field(
+        default=None, alias="from"
+    )
+    to: Annotated[list[RuleTo], AfterValidator(check_to_not_empty)] | None = None
     when: list[Condition] = []
-
-    @model_validator(mode="after")
-    def _not_empty_lists(self) -> Rule:
-        problems = Problems()
-        if self.from_ is not None and not self.from_:
-            problems.add(("from",), "must not be empty (omit it to match any source)")
-        if self.to is not None and not self.to:
-            problems.add(("to",), "must not be empty (omit it to match any operation)")
-        problems.raise_if_any()
-        return self
 
 
 class ExtensionProvider(Model):
