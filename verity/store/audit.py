@@ -11,7 +11,7 @@ rewritten wholesale by someone with write access to the file: anchoring the head
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from verity.store.base import AuditEntry
 from verity.store.canonical import canonical_json, sha256_hex
@@ -31,8 +31,20 @@ EMPTY_CHAIN = ChainHead(0, GENESIS_HASH)
 
 
 def entry_hash(entry: AuditEntry) -> str:
-    fields = asdict(entry)
-    del fields["hash"]
+    """sha256 of the canonical JSON of every field but the hash itself."""
+    fields = {
+        "seq": entry.seq,
+        "at": entry.at,
+        "actor": entry.actor,
+        "action": entry.action,
+        "kind": entry.kind,
+        "namespace": entry.namespace,
+        "name": entry.name,
+        "old_version": entry.old_version,
+        "new_version": entry.new_version,
+        "spec_digest": entry.spec_digest,
+        "prev_hash": entry.prev_hash,
+    }
     return sha256_hex(canonical_json(fields))
 
 
@@ -64,7 +76,7 @@ def next_entry(
         prev_hash=head.hash,
         hash="",
     )
-    return AuditEntry(**{**asdict(unhashed), "hash": entry_hash(unhashed)})
+    return replace(unhashed, hash=entry_hash(unhashed))
 
 
 def _link_problems(entry: AuditEntry, previous: AuditEntry | None) -> list[str]:

@@ -25,7 +25,7 @@ ReadLog = Callable[[int, int], Awaitable[list[WatchEvent]]]
 
 
 class ChangeFeed:
-    def __init__(self, read_log: ReadLog, *, capacity: int = 4096, page_size: int = 500) -> None:
+    def __init__(self, read_log: ReadLog, *, capacity: int = 1024, page_size: int = 500) -> None:
         self._read_log = read_log
         self._capacity = capacity
         self._page_size = page_size

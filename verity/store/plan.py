@@ -44,6 +44,9 @@ class PlannedChange:
     result: WriteResult
     previous: StoredObject | None  # the state before this write
     revision: int | None  # the store revision this change takes; None when unchanged
+    # canonical JSON of the new document, already made for its digest: backends store it
+    # rather than serialize the document again
+    document_json: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -84,12 +87,13 @@ class _Content:
     api_version: str
     labels: dict[str, str]
     document: dict[str, Any]
+    document_json: str
     digest: str
 
     @classmethod
     def of(cls, op: WriteOp) -> _Content:
         text = canonical_json(op.document)
-        return cls(op.api_version, dict(op.labels), json.loads(text), sha256_hex(text))
+        return cls(op.api_version, dict(op.labels), json.loads(text), text, sha256_hex(text))
 
     def same_as(self, stored: StoredObject) -> bool:
         return (
@@ -143,7 +147,8 @@ def _created(op: WriteOp, revision: int, ctx: _Context) -> PlannedChange:
         created_at=ctx.now,
         updated_at=ctx.now,
     )
-    return PlannedChange(WriteResult(op.key, Outcome.CREATED, new, None), None, revision)
+    result = WriteResult(op.key, Outcome.CREATED, new, None)
+    return PlannedChange(result, None, revision, content.document_json)
 
 
 def _updated(op: WriteOp, current: StoredObject, revision: int, ctx: _Context) -> PlannedChange:
@@ -165,7 +170,7 @@ def _updated(op: WriteOp, current: StoredObject, revision: int, ctx: _Context) -
         updated_at=ctx.now,
     )
     result = WriteResult(op.key, Outcome.UPDATED, new, current.resource_version)
-    return PlannedChange(result, current, revision)
+    return PlannedChange(result, current, revision, content.document_json)
 
 
 def _deleted(op: WriteOp, current: StoredObject, revision: int) -> PlannedChange:

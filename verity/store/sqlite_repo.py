@@ -4,10 +4,12 @@ and locking are the caller's business."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import sqlite3
 from collections.abc import Iterator, Mapping
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from verity.store import sqlite_sql as sql
@@ -90,7 +92,26 @@ def list_objects(
     params: list[str] = [value for value in (kind, namespace) if value is not None]
     for label_key, label_value in sorted(labels.items()):
         params.extend((label_key, label_value))
-    return [_object_from_row(row) for row in conn.execute(query, params)]
+    with _collector_paused():
+        return [_object_from_row(row) for row in conn.execute(query, params)]
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while reading and decoding rows.
+
+    That allocates only new, acyclic, live containers, which the collector would scan again
+    and again for nothing: it was two thirds of the time of a 10,000-object list. The
+    caller's setting is restored afterwards.
+    """
+    was_enabled = gc.isenabled()
+    if was_enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _replace_labels(conn: sqlite3.Connection, object_id: int, labels: Mapping[str, str]) -> None:
@@ -98,25 +119,27 @@ def _replace_labels(conn: sqlite3.Connection, object_id: int, labels: Mapping[st
     conn.executemany(sql.INSERT_LABEL, [(object_id, k, v) for k, v in labels.items()])
 
 
-def _insert_object(conn: sqlite3.Connection, obj: StoredObject) -> None:
+def _insert_object(conn: sqlite3.Connection, obj: StoredObject, document_json: str) -> None:
     key = obj.key
     (object_id,) = conn.execute(
         sql.INSERT_OBJECT,
         (
             key.kind, key.namespace, key.name, obj.api_version,
-            canonical_json(obj.labels), canonical_json(obj.document), obj.spec_digest,
+            canonical_json(obj.labels), document_json, obj.spec_digest,
             obj.uid, obj.resource_version, obj.generation, obj.created_at, obj.updated_at,
         ),
     ).fetchone()
     _replace_labels(conn, object_id, obj.labels)
 
 
-def _update_object(conn: sqlite3.Connection, obj: StoredObject, old: StoredObject) -> None:
+def _update_object(
+    conn: sqlite3.Connection, obj: StoredObject, document_json: str, old: StoredObject
+) -> None:
     key = obj.key
     (object_id,) = conn.execute(
         sql.UPDATE_OBJECT,
         (
-            obj.api_version, canonical_json(obj.labels), canonical_json(obj.document),
+            obj.api_version, canonical_json(obj.labels), document_json,
             obj.spec_digest, obj.resource_version, obj.generation, obj.updated_at,
             key.kind, key.namespace, key.name,
         ),
@@ -130,10 +153,12 @@ def store_change(conn: sqlite3.Connection, change: PlannedChange) -> None:
     new, old, key = change.result.object, change.previous, change.result.key
     if new is None:
         conn.execute(sql.DELETE_OBJECT, (key.kind, key.namespace, key.name))
-    elif old is None:
-        _insert_object(conn, new)
     else:
-        _update_object(conn, new, old)
+        document_json = change.document_json or canonical_json(new.document)
+        if old is None:
+            _insert_object(conn, new, document_json)
+        else:
+            _update_object(conn, new, document_json, old)
     event = change.event()
     conn.execute(
         sql.INSERT_CHANGE,
@@ -156,7 +181,14 @@ def read_changes(conn: sqlite3.Connection, after: int, limit: int) -> list[Watch
 
 
 def insert_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
-    conn.execute(sql.INSERT_AUDIT, astuple(entry))
+    conn.execute(
+        sql.INSERT_AUDIT,
+        (
+            entry.seq, entry.at, entry.actor, entry.action, entry.kind, entry.namespace,
+            entry.name, entry.old_version, entry.new_version, entry.spec_digest,
+            entry.prev_hash, entry.hash,
+        ),
+    )
 
 
 def select_audit(

@@ -112,17 +112,23 @@ UPDATE_OBJECT = """UPDATE objects SET api_version = ?, labels = ?, document = ?,
 DELETE_OBJECT = "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?"
 DELETE_LABELS = "DELETE FROM object_labels WHERE object_id = ?"
 INSERT_LABEL = "INSERT INTO object_labels (object_id, key, value) VALUES (?, ?, ?)"
-LABEL_MATCH = "o.id IN (SELECT object_id FROM object_labels WHERE key = ? AND value = ?)"
+LABEL_PAIR = "SELECT object_id FROM object_labels WHERE key = ? AND value = ?"
 
 
 def select_objects(*, by_kind: bool, by_namespace: bool, label_count: int) -> str:
-    """The list query for the given filters; parameters go kind, namespace, then key/value pairs."""
+    """The list query for the given filters; parameters go kind, namespace, then key/value pairs.
+
+    A label selector intersects the id sets of its pairs inside the label index before any
+    object row is read, so a broad label (app=web) paired with a narrow one (team=x) costs
+    the narrow result, whichever comes first.
+    """
     conditions = []
     if by_kind:
         conditions.append("o.kind = ?")
     if by_namespace:
         conditions.append("o.namespace = ?")
-    conditions.extend([LABEL_MATCH] * label_count)
+    if label_count:
+        conditions.append(f"o.id IN ({' INTERSECT '.join([LABEL_PAIR] * label_count)})")
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     return f"SELECT {OBJECT_COLUMNS} FROM objects o{where} ORDER BY o.kind, o.namespace, o.name"  # noqa: S608
 
