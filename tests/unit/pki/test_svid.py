@@ -208,26 +208,38 @@ def _same_algorithm_signer(
     return ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()
 
 
-@pytest.mark.parametrize("ca_fixture", ["ca", "rsa_ca", "p384_ca"])
-@pytest.mark.parametrize("leaf_key", ["ec", "rsa"])
-def test_tbs_bytes_equal_certificate_builder_output(
-    ca_fixture: str, leaf_key: str, request: pytest.FixtureRequest
-) -> None:
-    authority: CertificateAuthority = request.getfixturevalue(ca_fixture)
-    key = ec_key() if leaf_key == "ec" else rsa.generate_private_key(65537, 2048)
-    issued = issue_svid(authority, make_csr(key), WEB, NOW)
-    mine = issued.certificate
-    usage = mine.extensions.get_extension_for_class(x509.KeyUsage).value
+def _reference_tbs(
+    authority: CertificateAuthority,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    identity: SpiffeId,
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+) -> bytes:
+    """The TBSCertificate cryptography's CertificateBuilder makes for the same leaf."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(authority.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(issued.serial)
-        .not_valid_before(issued.not_before)
-        .not_valid_after(issued.not_after)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -235,10 +247,10 @@ def test_tbs_bytes_equal_certificate_builder_output(
             critical=False,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WEB))]),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
                 authority.certificate.extensions.get_extension_for_class(
@@ -250,14 +262,46 @@ def test_tbs_bytes_equal_certificate_builder_output(
     )
     # The signing key does not appear in the TBS, so any key of the CA's algorithm will do.
     signer, algorithm = _same_algorithm_signer(authority)
-    reference = builder.sign(signer, algorithm)
-    assert mine.tbs_certificate_bytes == reference.tbs_certificate_bytes
-    assert (
-        build_tbs_certificate(
-            authority, key.public_key(), WEB, issued.serial, issued.not_before, issued.not_after
-        )
-        == reference.tbs_certificate_bytes
+    return builder.sign(signer, algorithm).tbs_certificate_bytes
+
+
+@pytest.mark.parametrize("ca_fixture", ["ca", "rsa_ca", "p384_ca"])
+@pytest.mark.parametrize("leaf_key", ["ec", "rsa"])
+def test_issued_tbs_equals_certificate_builder_output(
+    ca_fixture: str, leaf_key: str, request: pytest.FixtureRequest
+) -> None:
+    authority: CertificateAuthority = request.getfixturevalue(ca_fixture)
+    key = ec_key() if leaf_key == "ec" else rsa.generate_private_key(65537, 2048)
+    issued = issue_svid(authority, make_csr(key), WEB, NOW)
+    reference = _reference_tbs(
+        authority, key.public_key(), WEB, issued.serial, issued.not_before, issued.not_after
     )
+    assert issued.certificate.tbs_certificate_bytes == reference
+
+
+_LONG = SpiffeId("a" * 200, "n" * 100, "s" * 100)  # lengths above 127 and 255 bytes
+
+
+@pytest.mark.parametrize(
+    ("serial", "identity", "not_after"),
+    [
+        (2**64, WEB, NOW + timedelta(hours=1)),
+        (2**64 - 1, WEB, NOW + timedelta(hours=1)),  # top bit set: needs a leading zero
+        (2**159 - 1, WEB, NOW + timedelta(hours=1)),
+        (0x80, WEB, NOW + timedelta(hours=1)),
+        (1, _LONG, NOW + timedelta(hours=1)),
+        (2**100, WEB, datetime(2050, 1, 1, tzinfo=UTC)),  # GeneralizedTime
+    ],
+)
+def test_tbs_edge_cases_equal_certificate_builder_output(
+    serial: int, identity: SpiffeId, not_after: datetime
+) -> None:
+    authority = generate_builtin_ca(
+        "long", identity.trust_domain, NOW, validity=timedelta(days=9000)
+    )
+    public_key = ec_key().public_key()
+    mine = build_tbs_certificate(authority, public_key, identity, serial, NOW, not_after)
+    assert mine == _reference_tbs(authority, public_key, identity, serial, NOW, not_after)
 
 
 def test_times_from_2050_use_generalized_time() -> None:
