@@ -20,6 +20,7 @@ from verity.store.base import (
     ObjectKey,
     Outcome,
     StoredObject,
+    StoreError,
     WatchEvent,
     WriteAction,
     WriteOp,
@@ -92,7 +93,10 @@ class _Content:
 
     @classmethod
     def of(cls, op: WriteOp) -> _Content:
-        text = canonical_json(op.document)
+        try:
+            text = canonical_json(op.document)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{op.key}: the document is not plain JSON data: {exc}") from exc
         return cls(op.api_version, dict(op.labels), json.loads(text), text, sha256_hex(text))
 
     def same_as(self, stored: StoredObject) -> bool:

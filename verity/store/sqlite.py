@@ -53,12 +53,17 @@ def _new_uid() -> str:
 class SqliteStore:
     """`Store` on the SQLite database file at path (created, with its data dir, on open)."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_s: float = 5.0, watch_buffer: int = 1024
+    ) -> None:
+        """busy_timeout_s: how long to wait for another connection's write lock.
+        watch_buffer: recent changes kept in memory for live watchers (older ones are read
+        back from the change log)."""
         self.path = path
         self._busy_timeout_s = busy_timeout_s
         self._writer = self._connection(read_only=False)
         self._reader = self._connection(read_only=True)
-        self._feed = ChangeFeed(self._read_changes)
+        self._feed = ChangeFeed(self._read_changes, capacity=watch_buffer)
 
     def _connection(self, *, read_only: bool) -> GuardedConnection:
         return GuardedConnection(
@@ -68,9 +73,15 @@ class SqliteStore:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._writer = self._connection(read_only=False)
-        self._reader = self._connection(read_only=True)
-        revision = await asyncio.to_thread(self._open_sync)
+        """Create the data dir, database and schema as needed; raises StorageUnavailable when
+        the data dir cannot be written."""
+        self._writer.activate()
+        self._reader.activate()
+        try:
+            revision = await asyncio.to_thread(self._open_sync)
+        except BaseException:
+            await asyncio.to_thread(self._close_sync)
+            raise
         self._feed.start(asyncio.get_running_loop(), revision)
 
     def _open_sync(self) -> int:
@@ -193,6 +204,7 @@ class SqliteStore:
         Replays from the change log (kept in full, so any revision works, also after a
         restart), then follows writes made through this store object. Ends when the store is
         closed. Writes by other processes are seen only on the next replay.
+        Events share their objects with the write results and other watchers: read-only.
         """
         return self._feed.follow(from_revision)
 

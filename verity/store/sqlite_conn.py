@@ -171,7 +171,8 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 class GuardedConnection:
-    """One connection shared by worker threads, one at a time.
+    """One connection shared by worker threads, one at a time, usable between activate()
+    and close().
 
     The connection is opened lazily and reopened after a failure that left it inside a
     transaction it could not roll back, so a passing storage problem does not wedge the store.
@@ -183,13 +184,17 @@ class GuardedConnection:
         self._read_only = read_only
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._closed = False
+        self._active = False
+
+    def activate(self) -> None:
+        with self._lock:
+            self._active = True
 
     @contextlib.contextmanager
     def use(self) -> Iterator[sqlite3.Connection]:
         with self._lock, translated_errors(self._path):
-            if self._closed:
-                raise StoreError(f"store {self._path} is closed")
+            if not self._active:
+                raise StoreError(f"store {self._path} is not open")
             if self._conn is None:
                 self._conn = connect(
                     self._path, busy_timeout_s=self._busy_timeout_s, read_only=self._read_only
@@ -214,4 +219,4 @@ class GuardedConnection:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("PRAGMA optimize")
             self._discard()
-            self._closed = True
+            self._active = False

@@ -91,8 +91,8 @@ async def test_watcher_starting_mid_stream_misses_nothing(store: SqliteStore) ->
 
 
 async def test_watcher_behind_the_buffer_reads_the_log(db_path: Path) -> None:
-    async with SqliteStore(db_path) as store:
-        store._feed._capacity = 5  # a tiny buffer: most of the history must come from the log
+    # a tiny buffer: most of the history must come from the log
+    async with SqliteStore(db_path, watch_buffer=5) as store:
         await store.write([apply_op(f"p{i}") for i in range(20)], actor="x")
         events = await events_until(store, 3, 20)
         assert [e.revision for e in events] == list(range(4, 21))

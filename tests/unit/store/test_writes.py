@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 
 from verity.store import SqliteStore
-from verity.store.base import Conflict, NotFound, ObjectKey, Outcome, WriteAction, WriteOp
+from verity.store.base import (
+    Conflict,
+    NotFound,
+    ObjectKey,
+    Outcome,
+    StoreError,
+    WriteAction,
+    WriteOp,
+)
 from verity.store.canonical import digest
 
 from .conftest import apply_op, delete_op, events_until, policy_key
@@ -207,3 +216,25 @@ async def test_stored_document_is_a_copy(store: SqliteStore) -> None:
 async def test_empty_write_does_nothing(store: SqliteStore) -> None:
     assert await store.write([], actor="alice") == []
     assert await store.revision() == 0
+
+
+async def test_document_that_is_not_json_data_is_refused(store: SqliteStore) -> None:
+    key = ObjectKey("Mesh", "", "m")
+    for document in ({"spec": {"ratio": float("nan")}}, {"spec": {"when": object()}}):
+        with pytest.raises(StoreError, match="Mesh m: the document is not plain JSON data"):
+            await store.write([WriteOp(WriteAction.APPLY, key, "v1", {}, document)], "a")
+    assert await store.revision() == 0
+
+
+async def test_use_before_open_and_after_close_is_an_error(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    with pytest.raises(StoreError, match="is not open"):
+        await store.get(policy_key("p"))
+    await store.open()
+    await store.write([apply_op("p")], actor="a")
+    await store.close()
+    with pytest.raises(StoreError, match="is not open"):
+        await store.write([apply_op("q")], actor="a")
+    await store.open()  # a closed store can be opened again
+    assert [o.key.name for o in await store.list()] == ["p"]
+    await store.close()
