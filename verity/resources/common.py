@@ -172,10 +172,14 @@ _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def is_hostname(value: str) -> bool:
-    """RFC 1123 host name (letters, digits, '-' in dot-separated labels, at most 253)."""
+    """RFC 1123 host name (letters, digits, '-' in dot-separated labels, at most 253).
+
+    An all-numeric last label is refused (RFC 3696): "10.0.0.256" is a bad IP, not a name.
+    """
     if not value or len(value) > 253:
         return False
-    return all(_HOST_LABEL.fullmatch(label) for label in value.split("."))
+    labels = value.split(".")
+    return all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
 
 
 def is_ip(value: str) -> bool:
