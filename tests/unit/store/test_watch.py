@@ -113,12 +113,17 @@ async def test_resume_after_reopen(db_path: Path) -> None:
 async def test_watch_ends_when_the_store_closes(db_path: Path) -> None:
     store = SqliteStore(db_path)
     await store.open()
+    first = asyncio.Event()
 
     async def drain() -> list[WatchEvent]:
-        return [event async for event in store.watch(0)]
+        events = []
+        async for event in store.watch(0):
+            events.append(event)
+            first.set()
+        return events
 
     watcher = asyncio.create_task(drain())
     await store.write([apply_op("a")], actor="x")
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(first.wait(), 2)
     await store.close()
     assert [e.key.name for e in await asyncio.wait_for(watcher, 2)] == ["a"]
