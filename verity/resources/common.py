@@ -7,12 +7,13 @@ wrote except durations, which become `timedelta`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
 
 from verity.resources.errors import describe
@@ -29,6 +30,29 @@ class Model(BaseModel):
         validate_by_alias=True,
         validate_by_name=False,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # As in Kubernetes, `field: null` (or a bare `field:`) means the field is not set.
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if not (v is None and k in _input_names(cls))}
+
+
+@functools.cache
+def _input_names(model: type[BaseModel]) -> frozenset[str]:
+    """The keys a model reads: aliases (and alias choices) of its fields."""
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        choices = getattr(field.validation_alias, "choices", None)
+        if choices is not None:
+            names.update(c for c in choices if isinstance(c, str))
+        elif isinstance(field.validation_alias, str):
+            names.add(field.validation_alias)
+        else:
+            names.add(field.alias or name)
+    return frozenset(names)
 
 
 # --- ports ---------------------------------------------------------------------------------
@@ -50,9 +74,9 @@ def port_string_reason(value: Any) -> str | None:
     if not isinstance(value, str):
         return None  # the type check reports it
     if not value.isascii() or not value.isdigit():
-        return f"must be a port number between 1 and 65535 (got {value!r})"
+        return f"must be a port number between 1 and 65535 (got {describe(value)})"
     if not 1 <= int(value) <= 65535:
-        return f"must be a port number between 1 and 65535 (got {value!r})"
+        return f"must be a port number between 1 and 65535 (got {describe(value)})"
     return None
 
 
@@ -86,7 +110,8 @@ def parse_duration(text: str) -> timedelta:
     """Go-style durations ("1h30m", "500ms") plus Kuma's days and years ("1d", "10y")."""
     if not text or _DURATION_PART.sub("", text) != "":
         raise ValueError(
-            f"must be a duration such as '24h', '30m', '1h30m', '500ms' or '1d' (got {text!r})"
+            "must be a duration such as '24h', '30m', '1h30m', '500ms' or '1d' "
+            f"(got {describe(text)})"
         )
     seconds = sum(
         float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text)
@@ -140,7 +165,7 @@ def wildcard_reason(value: str) -> str | None:
         return None
     inner = value.strip("*")
     if value.count("*") > 1 or "*" in inner or inner == "":
-        return f"'*' is only allowed alone, as a prefix or as a suffix (got {value!r})"
+        return f"'*' is only allowed alone, as a prefix or as a suffix (got {describe(value)})"
     return None
 
 
@@ -159,7 +184,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 def check_header_name(value: str) -> str:
     if not _TOKEN.fullmatch(value):
-        raise ValueError(f"must be a valid HTTP header name (got {value!r})")
+        raise ValueError(f"must be a valid HTTP header name (got {describe(value)})")
     return value
 
 
@@ -192,7 +217,7 @@ def is_ip(value: str) -> bool:
 
 def check_address(value: str) -> str:
     if not (is_ip(value) or is_hostname(value)):
-        raise ValueError(f"must be an IPv4 or IPv6 address or a host name (got {value!r})")
+        raise ValueError(f"must be an IPv4 or IPv6 address or a host name (got {describe(value)})")
     return value
 
 
@@ -205,10 +230,12 @@ def ip_block_reason(value: str) -> str | None:
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
-            return f"must be an IP address or a CIDR block such as 10.0.0.0/16 (got {value!r})"
+            return (
+                f"must be an IP address or a CIDR block such as 10.0.0.0/16 (got {describe(value)})"
+            )
         return None
     if not is_ip(value):
-        return f"must be an IP address or a CIDR block such as 10.0.0.0/16 (got {value!r})"
+        return f"must be an IP address or a CIDR block such as 10.0.0.0/16 (got {describe(value)})"
     return None
 
 

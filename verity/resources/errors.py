@@ -96,7 +96,8 @@ def describe(value: Any) -> str:
     if isinstance(value, float):
         return f"number {value}"
     if isinstance(value, str):
-        return repr(value)
+        # Long values (a pasted certificate, say) are cut: the hint is for recognising it.
+        return repr(value if len(value) <= 60 else value[:57] + "...")
     if isinstance(value, list | tuple):
         return "a list"
     if isinstance(value, dict):

@@ -28,7 +28,7 @@ from verity.resources.common import (
     port_string_reason,
     wildcard_reason,
 )
-from verity.resources.errors import Loc, Problem, Problems
+from verity.resources.errors import Loc, Problem, Problems, describe
 from verity.resources.metadata import Labels
 from verity.resources.resource import Resource
 
@@ -152,13 +152,13 @@ class PeerAuthenticationSpec(Model):
 
 def _port_key_reason(key: Any) -> str | None:
     if isinstance(key, bool) or not isinstance(key, int | str):
-        return f"port must be a number between 1 and 65535 (got {key!r})"
+        return f"port must be a number between 1 and 65535 (got {describe(key)})"
     if isinstance(key, int):
         return None if 1 <= key <= 65535 else f"port must be between 1 and 65535 (got {key})"
     return (
         None
         if port_string_reason(key) is None
-        else f"port must be a number between 1 and 65535 (got {key!r})"
+        else f"port must be a number between 1 and 65535 (got {describe(key)})"
     )
 
 
@@ -185,17 +185,20 @@ def path_reason(path: str) -> str | None:
     for segment in path.strip("/").split("/"):
         if segment in _TEMPLATES:
             if after_match_any:
-                return f"{{**}} must be the last template operator in the path (got {path!r})"
+                return (
+                    f"{{**}} must be the last template operator in the path (got {describe(path)})"
+                )
             after_match_any = segment == "{**}"
             continue
         if "{" in segment or "}" in segment:
             return (
-                f"only {{*}} and {{**}} are supported, each as a whole path segment (got {path!r})"
+                "only {*} and {**} are supported, each as a whole path segment "
+                f"(got {describe(path)})"
             )
         if has_template and not _PATH_LITERAL.fullmatch(segment):
             return (
-                f"segment {segment!r} is not allowed next to path templates: no '*' and only "
-                f"RFC 3986 path characters (got {path!r})"
+                f"segment {describe(segment)} is not allowed next to path templates: "
+                f"no '*' and only RFC 3986 path characters (got {describe(path)})"
             )
     return None if has_template else wildcard_reason(path)
 
@@ -214,7 +217,7 @@ def check_method(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     if not _METHOD.fullmatch(value):
-        raise ValueError(f"must be an HTTP method such as GET (got {value!r})")
+        raise ValueError(f"must be an HTTP method such as GET (got {describe(value)})")
     return value
 
 
@@ -223,12 +226,12 @@ def service_account_reason(value: str) -> str | None:
     if not value:
         return "must not be empty"
     if "*" in value:
-        return f"wildcards are not allowed (got {value!r})"
+        return f"wildcards are not allowed (got {describe(value)})"
     if len(value) > 320:
         return f"must be at most 320 characters (got {len(value)})"
     parts = value.split("/")
     if len(parts) > 2 or not all(parts):
-        return f"must be 'serviceAccount' or 'namespace/serviceAccount' (got {value!r})"
+        return f"must be 'serviceAccount' or 'namespace/serviceAccount' (got {describe(value)})"
     return None
 
 
@@ -342,7 +345,7 @@ def condition_key_reason(key: str) -> str | None:
         "request.auth.claims[<name>]",
         "experimental.envoy.filters.*",
     ]
-    return f"unknown key {key!r}; supported: {', '.join(known)}"
+    return f"unknown key {describe(key)}; supported: {', '.join(known)}"
 
 
 def _map_key_reason(key: str, prefix: str) -> str | None:
@@ -350,7 +353,7 @@ def _map_key_reason(key: str, prefix: str) -> str | None:
     if key.endswith("]") and 0 < open_at < len(key) - 2:
         return None
     shape = f"{prefix}a.b[c]" if prefix.endswith(".") else f"{prefix}[<name>]"
-    return f"must have the form {shape} (got {key!r})"
+    return f"must have the form {shape} (got {describe(key)})"
 
 
 def condition_value_reason(key: str, value: str) -> str | None:
@@ -527,7 +530,7 @@ _CLAIM_HEADER = re.compile(r"^[-_A-Za-z0-9]+$")
 def check_jwks_uri(value: str) -> str:
     parsed = urlparse(value)
     if len(value) > 2048 or parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        raise ValueError(f"must be an http:// or https:// URL (got {describe(value)})")
     return value
 
 
@@ -545,7 +548,7 @@ def check_jwks(value: str) -> str:
 
 def check_claim_header(value: str) -> str:
     if not _CLAIM_HEADER.fullmatch(value):
-        raise ValueError(f"must be letters, digits, '-' and '_' (got {value!r})")
+        raise ValueError(f"must be letters, digits, '-' and '_' (got {describe(value)})")
     return value
 
 

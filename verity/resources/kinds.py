@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from verity.resources.common import Model
+from verity.resources.errors import describe
 from verity.resources.istio import (
     ISTIO_API_VERSIONS,
     AuthorizationPolicy,
@@ -125,7 +126,7 @@ def kind_alias(name: str) -> str:
     if group in _GROUPS:
         spelled = base
     if spelled not in _ALIASES:
-        raise ValueError(f"unknown kind {name!r}; known kinds: {', '.join(STORE_KINDS)}")
+        raise ValueError(f"unknown kind {describe(name)}; known kinds: {', '.join(STORE_KINDS)}")
     return _ALIASES[spelled]
 
 

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from verity.resources.common import Duration, Model, NonEmptyStr
-from verity.resources.errors import Problems, translate_problems
+from verity.resources.errors import Problems, describe, format_path, translate_problems
 from verity.resources.metadata import dns_label_reason
 from verity.resources.resource import Resource
 from verity.resources.verity_kinds import MAX_CERT_VALIDITY, MIN_CERT_VALIDITY, MeshSpec
@@ -145,6 +145,23 @@ class KumaProvidedConf(Model):
     cert: KumaDataSource
     key: KumaDataSource
 
+    @model_validator(mode="after")
+    def _pem_contents(self) -> KumaProvidedConf:
+        problems = Problems()
+        for part, source, marker in (
+            ("cert", self.cert, "-----BEGIN CERTIFICATE-----"),
+            ("key", self.key, "PRIVATE KEY-----"),
+        ):
+            pem = source.pem()
+            if pem is not None and marker not in pem:
+                field = "inline" if source.inline is not None else "inlineString"
+                problems.add(
+                    (part, field),
+                    f"must hold a PEM {'certificate' if part == 'cert' else 'private key'}",
+                )
+        problems.raise_if_any()
+        return self
+
 
 class KumaCABackend(Model):
     """A certificate authority the mesh may use; `conf` depends on `type`."""
@@ -194,12 +211,14 @@ class KumaMtls(Model):
         names = [b.name for b in self.backends]
         for index, name in enumerate(names):
             if name in names[:index]:
-                problems.add(("backends", index, "name"), f"duplicate backend name {name!r}")
+                problems.add(
+                    ("backends", index, "name"), f"duplicate backend name {describe(name)}"
+                )
         if self.enabled_backend and self.enabled_backend not in names:
             problems.add(
                 ("enabledBackend",),
                 f"must name one of the backends ({', '.join(names) or 'none defined'}) "
-                f"(got {self.enabled_backend!r})",
+                f"(got {describe(self.enabled_backend)})",
             )
         problems.raise_if_any()
         return self
@@ -251,6 +270,13 @@ class KumaMeshSpec(Model):
         for field in _UNSUPPORTED_MESH_FIELDS:
             if getattr(self, _snake(field)) is not None:
                 problems.add((field,), "this Kuma Mesh field is not supported by Verity")
+        problems.raise_if_any()
+        # Every accepted Kuma mesh must have a Verity meaning; checked here, not at use.
+        try:
+            self.as_verity_mesh()
+        except ValidationError as exc:
+            for loc, reason in translate_problems(exc):
+                problems.add((), f"has no Verity equivalent ({format_path(loc)}: {reason})")
         problems.raise_if_any()
         return self
 

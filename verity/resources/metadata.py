@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from verity.resources.common import Model
-from verity.resources.errors import Problems
+from verity.resources.errors import Problems, describe
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -34,7 +34,7 @@ def dns_subdomain_reason(value: str) -> str | None:
     if not _DNS_SUBDOMAIN.fullmatch(value):
         return (
             "must be a DNS-1123 name: lowercase letters, digits, '-' and '.', starting and "
-            f"ending with a letter or digit (got {value!r})"
+            f"ending with a letter or digit (got {describe(value)})"
         )
     return None
 
@@ -48,7 +48,7 @@ def dns_label_reason(value: str) -> str | None:
     if not _DNS_LABEL.fullmatch(value):
         return (
             "must be a DNS-1123 label: lowercase letters, digits and '-', starting and "
-            f"ending with a letter or digit (got {value!r})"
+            f"ending with a letter or digit (got {describe(value)})"
         )
     return None
 
@@ -84,11 +84,11 @@ def label_key_reason(key: str) -> str | None:
     """Kubernetes label/annotation key: `[prefix/]name`, prefix a DNS subdomain."""
     prefix, slash, name = key.rpartition("/")
     if slash and dns_subdomain_reason(prefix):
-        return f"key prefix must be a DNS-1123 subdomain (got {key!r})"
+        return f"key prefix must be a DNS-1123 subdomain (got {describe(key)})"
     if not name or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
         return (
             "key name must be at most 63 characters of letters, digits, '-', '_' and '.', "
-            f"starting and ending with a letter or digit (got {key!r})"
+            f"starting and ending with a letter or digit (got {describe(key)})"
         )
     return None
 
@@ -99,7 +99,7 @@ def label_value_reason(value: str) -> str | None:
     if len(value) > 63 or not _LABEL_NAME.fullmatch(value):
         return (
             "must be empty or at most 63 characters of letters, digits, '-', '_' and '.', "
-            f"starting and ending with a letter or digit (got {value!r})"
+            f"starting and ending with a letter or digit (got {describe(value)})"
         )
     return None
 

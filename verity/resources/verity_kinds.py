@@ -42,7 +42,7 @@ from verity.resources.common import (
     format_duration,
     is_hostname,
 )
-from verity.resources.errors import Problems
+from verity.resources.errors import Problems, describe
 from verity.resources.metadata import DnsLabel, Labels, Name, dns_label_reason
 from verity.resources.resource import Resource
 
@@ -78,7 +78,7 @@ def check_trust_domain(value: str) -> str:
     if not value or len(value) > 255 or not _TRUST_DOMAIN.fullmatch(value):
         raise ValueError(
             "must be a SPIFFE trust domain: 1 to 255 lowercase letters, digits, '.', '-' "
-            f"and '_' (got {value!r})"
+            f"and '_' (got {describe(value)})"
         )
     return value
 
@@ -189,7 +189,7 @@ def check_authz_service(value: str) -> str:
     if (namespace and dns_label_reason(namespace)) or not is_hostname(host):
         raise ValueError(
             "must be a host name such as authz.verity-system.svc.cluster.local, "
-            f"optionally prefixed by '<namespace>/' (got {value!r})"
+            f"optionally prefixed by '<namespace>/' (got {describe(value)})"
         )
     return value
 
@@ -199,7 +199,7 @@ AuthzService = Annotated[str, AfterValidator(check_authz_service)]
 
 def check_http_status(value: str) -> str:
     if not _HTTP_STATUS.fullmatch(value):
-        raise ValueError(f'must be an HTTP status code such as "403" (got {value!r})')
+        raise ValueError(f'must be an HTTP status code such as "403" (got {describe(value)})')
     return value
 
 
@@ -218,7 +218,7 @@ class ExtAuthzGrpc(Model):
 
 def check_path_prefix(value: str) -> str:
     if not value.startswith("/"):
-        raise ValueError(f"must start with '/' (got {value!r})")
+        raise ValueError(f"must start with '/' (got {describe(value)})")
     return value
 
 
@@ -242,7 +242,7 @@ def check_provider_name(value: str) -> str:
     if not _PROVIDER_NAME.fullmatch(value):
         raise ValueError(
             "must be letters, digits, '.', '-' and '_', starting and ending with a letter "
-            f"or digit (got {value!r})"
+            f"or digit (got {describe(value)})"
         )
     return value
 
@@ -280,7 +280,7 @@ class MeshAuthorization(Model):
         for index in duplicates([p.name for p in self.providers]):
             problems.add(
                 ("providers", index, "name"),
-                f"duplicate provider name {self.providers[index].name!r}",
+                f"duplicate provider name {describe(self.providers[index].name)}",
             )
         problems.raise_if_any()
         return self
@@ -313,7 +313,8 @@ class MeshTls(Model):
                 problems.add(("cipherSuites", index), reason)
         for index in duplicates(self.cipher_suites):
             problems.add(
-                ("cipherSuites", index), f"duplicate cipher suite {self.cipher_suites[index]!r}"
+                ("cipherSuites", index),
+                f"duplicate cipher suite {describe(self.cipher_suites[index])}",
             )
         if self.cipher_suites and self.min_version == "TLSv1_3":
             problems.add(("cipherSuites",), "only apply to TLS 1.2, and minVersion is TLSv1_3")
@@ -326,7 +327,7 @@ def _cipher_reason(suite: str) -> str | None:
         return None
     if suite in _TLS13_SUITES:
         return f"{suite} is a TLS 1.3 suite: those are always enabled and not configurable"
-    return f"must be one of {', '.join(MODERN_CIPHER_SUITES)} (got {suite!r})"
+    return f"must be one of {', '.join(MODERN_CIPHER_SUITES)} (got {describe(suite)})"
 
 
 class MeshSpec(Model):
@@ -441,7 +442,9 @@ class DataplaneSpec(Model):
             problems.add(("inbound", index, "port"), f"duplicate inbound port {ports[index]}")
         names = [i.name for i in self.inbound if i.name is not None]
         for index in duplicates(names):
-            problems.add(("inbound", index, "name"), f"duplicate inbound name {names[index]!r}")
+            problems.add(
+                ("inbound", index, "name"), f"duplicate inbound name {describe(names[index])}"
+            )
 
     def _check_outbound(self, problems: Problems) -> None:
         inbound_ports = {i.port for i in self.inbound}

@@ -15,7 +15,7 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node
 
-from verity.resources.errors import FieldError, InvalidResource
+from verity.resources.errors import FieldError, InvalidResource, describe
 
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
@@ -33,7 +33,9 @@ class _StrictSafeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, Hashable) and key in seen:
-                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise ConstructorError(
+                    None, None, f"duplicate key {describe(key)}", key_node.start_mark
+                )
             if isinstance(key, Hashable):
                 seen.add(key)
         return super().construct_mapping(node, deep)
@@ -56,6 +58,9 @@ def read_documents(text: str) -> Iterator[tuple[int, Any]]:
             return
         except yaml.YAMLError as exc:
             raise _syntax_error(position, exc) from None
+        except RecursionError:
+            reason = "invalid YAML: nested too deeply"
+            raise InvalidResource(f"document {position}", [FieldError("", reason)]) from None
         yield position, data
         position += 1
 

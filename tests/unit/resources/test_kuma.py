@@ -329,3 +329,17 @@ def test_universal_name_is_required_and_checked() -> None:
 
 def test_bad_mesh_reference() -> None:
     assert error_at(K8S_TP.replace("mesh: marketplace", "mesh: Market_Place"), "mesh")
+
+
+def test_provided_inline_must_be_pem() -> None:
+    not_pem = base64.b64encode(b"hello").decode()
+    spec = (
+        "mtls:\n  enabledBackend: a\n  backends:\n"
+        f"  - {{name: a, type: provided, conf: {{cert: {{inline: {not_pem}}},"
+        " key: {inlineString: k}}}"
+    )
+    exc = rejection(k8s_mesh(spec))
+    assert exc.errors == [
+        FieldError("spec.mtls.backends[0].conf.cert.inline", "must hold a PEM certificate"),
+        FieldError("spec.mtls.backends[0].conf.key.inlineString", "must hold a PEM private key"),
+    ]

@@ -383,3 +383,26 @@ def test_is_namespaced() -> None:
     assert not is_namespaced("TrafficPermission")
     assert is_namespaced("Dataplane")
     assert is_namespaced("ap")
+
+
+# --- robustness ----------------------------------------------------------------------------
+
+
+def test_null_fields_are_unset_as_in_kubernetes() -> None:
+    policy = load_one(POLICY.replace("spec:", "spec:\n  selector:\n  action: null"))
+    assert policy.to_document()["spec"]["selector"] is None
+    exc = rejection(POLICY.replace("name: httpbin", "name: null"))
+    assert FieldError("metadata.name", "required field is missing") in exc.errors
+
+
+def test_deep_nesting_is_an_error_not_a_crash() -> None:
+    exc = rejection("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert exc.subject == "document 1"
+
+
+def test_long_values_are_cut_in_hints() -> None:
+    error = error_at(
+        POLICY.replace("namespace: foo", "namespace: foo\n  labels: {a: " + "x" * 500 + "}"),
+        "metadata.labels.a",
+    )
+    assert len(error.reason) < 300
