@@ -55,6 +55,11 @@ def _input_names(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(names)
 
 
+def snake_case(camel: str) -> str:
+    """The Python field name of a camelCase document field: notPrincipals -> not_principals."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
+
+
 # --- ports ---------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from verity.resources.common import (
     WildcardStr,
     ip_block_reason,
     port_string_reason,
+    snake_case,
     wildcard_reason,
 )
 from verity.resources.errors import Loc, Problem, Problems, describe
@@ -272,7 +273,7 @@ class Source(Model):
         if identity and (self.service_accounts or self.not_service_accounts):
             problems.add(("serviceAccounts",), "cannot be combined with namespaces or principals")
         for name in ("serviceAccounts", "notServiceAccounts"):
-            if len(getattr(self, _snake(name))) > 16:
+            if len(getattr(self, snake_case(name))) > 16:
                 problems.add((name,), "must have at most 16 entries")
         problems.raise_if_any()
         return self
@@ -494,7 +495,7 @@ def _custom_rule_problems(at: Loc, rule: Rule) -> list[Problem]:
     found: list[Problem] = []
     for index, source_from in enumerate(rule.from_ or []):
         for field in _CUSTOM_UNSUPPORTED_SOURCE:
-            if getattr(source_from.source, _snake(field)):
+            if getattr(source_from.source, snake_case(field)):
                 found.append(
                     ((*at, "from", index, "source", field), "not supported with action CUSTOM")
                 )
@@ -509,10 +510,6 @@ def _custom_rule_problems(at: Loc, rule: Rule) -> list[Problem]:
                 ((*at, "when", index, "key"), f"{key} is not supported with action CUSTOM")
             )
     return found
-
-
-def _snake(camel: str) -> str:
-    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
 
 
 class AuthorizationPolicy(Resource):

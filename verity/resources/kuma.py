@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from verity.resources.common import Duration, Model, NonEmptyStr
+from verity.resources.common import Duration, Model, NonEmptyStr, snake_case
 from verity.resources.errors import Problems, describe, format_path, translate_problems
 from verity.resources.metadata import dns_label_reason
 from verity.resources.resource import Resource
@@ -268,7 +268,7 @@ class KumaMeshSpec(Model):
     def _supported(self) -> KumaMeshSpec:
         problems = Problems()
         for field in _UNSUPPORTED_MESH_FIELDS:
-            if getattr(self, _snake(field)) is not None:
+            if getattr(self, snake_case(field)) is not None:
                 problems.add((field,), "this Kuma Mesh field is not supported by Verity")
         problems.raise_if_any()
         # Every accepted Kuma mesh must have a Verity meaning; checked here, not at use.
@@ -321,10 +321,6 @@ def _verity_ca(backend: KumaCABackend) -> dict[str, Any]:
         else:
             provided[f"{part}Pem"] = source.pem() or ""
     return {"backend": "provided", "provided": provided}
-
-
-def _snake(camel: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
 
 
 class KumaMesh(Resource):

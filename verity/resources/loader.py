@@ -132,13 +132,8 @@ def _is_universal(doc: Mapping[str, Any]) -> bool:
 
 def _parse_kubernetes(doc: Mapping[str, Any], index: int) -> Resource:
     info = _identify(doc, index)
-    raw_metadata = doc.get("metadata")
-    metadata = dict(raw_metadata) if isinstance(raw_metadata, Mapping) else raw_metadata
-    resource_version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
-    if isinstance(metadata, dict):
-        for key in STORE_OWNED_METADATA:
-            metadata.pop(key, None)
-    document = {**doc, "metadata": metadata} if "metadata" in doc else dict(doc)
+    document, resource_version = _without_store_metadata(doc)
+    metadata = document.get("metadata")
     subject = _kubernetes_subject(info, metadata, index)
 
     errors = [
@@ -170,6 +165,16 @@ def _parse_kubernetes(doc: Mapping[str, Any], index: int) -> Resource:
         spec=spec,
         **extras,
     )
+
+
+def _without_store_metadata(doc: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The document minus store-owned metadata, and the resourceVersion the user gave."""
+    document = dict(doc)
+    metadata = document.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return document, None
+    document["metadata"] = {k: v for k, v in metadata.items() if k not in STORE_OWNED_METADATA}
+    return document, metadata.get("resourceVersion")
 
 
 def _identify(doc: Mapping[str, Any], index: int) -> KindInfo:
