@@ -202,8 +202,9 @@ class CertificateAuthority:
     def issuer_profile(self) -> IssuerProfile:
         return self._issuer
 
-    def sign_tbs(self, tbs_certificate: bytes) -> bytes:
-        """Sign a TBSCertificate whose signature field is issuer_profile.signature_algorithm."""
+    def _sign_tbs(self, tbs_certificate: bytes) -> bytes:
+        """For svid.py only: sign a TBSCertificate built with issuer_profile. Private because
+        it would sign anything, a CA certificate included."""
         return self._sign(tbs_certificate)
 
     def _chain_to_root(self) -> tuple[x509.Certificate, ...]:

@@ -235,7 +235,7 @@ def issue_svid(
     public_key = _accepted_csr_key(csr_pem)
     serial = _random_serial()
     tbs = build_tbs_certificate(ca, public_key, identity, serial, not_before, not_after)
-    signature = ca.sign_tbs(tbs)
+    signature = ca._sign_tbs(tbs)
     signature_value = _der.tlv(_der.BIT_STRING, b"\x00" + signature)  # no unused bits
     certificate = _der.tlv(
         _der.SEQUENCE, tbs + ca.issuer_profile.signature_algorithm + signature_value
