@@ -168,6 +168,13 @@ def _scrub_field(name: str, value: Any) -> Any:
     return scrub_config(value)
 
 
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
+
+
 class EnvoyProcess:
     """One supervised Envoy. Await `start()`, then `wait_ready()`; `stop()` ends it."""
 
@@ -180,7 +187,8 @@ class EnvoyProcess:
         self._stop_requested = asyncio.Event()
         self._ready = asyncio.Event()
         self._spawned = asyncio.Event()  # wakes the readiness watcher for a new process
-        self._tasks: list[asyncio.Task[None]] = []
+        self._control: list[asyncio.Task[None]] = []  # supervisor and readiness watcher
+        self._pumps: list[asyncio.Task[None]] = []  # one output reader per Envoy run
         self._recent: collections.deque[str] = collections.deque(maxlen=20)
         self._last_exit: int | None = None
         self._started_at = 0.0
@@ -202,7 +210,7 @@ class EnvoyProcess:
         if self._process is not None:
             raise RuntimeError("this Envoy is already started")
         await self._spawn()
-        self._tasks += [
+        self._control = [
             asyncio.create_task(self._supervise(), name="envoy-supervisor"),
             asyncio.create_task(self._watch_readiness(), name="envoy-readiness"),
         ]
@@ -224,17 +232,20 @@ class EnvoyProcess:
         then SIGKILL after `stop_timeout_s`. Returns Envoy's exit code (None if none ran)."""
         self._stopping = True
         self._stop_requested.set()
+        # Supervision ends first, so no restart can race the shutdown.
+        await _cancel(self._control)
+        self._ready.clear()
         process = self._process
         code: int | None = None
         if process is not None:
             if drain and process.returncode is None:
                 await self._drain()
             code = await self._terminate(process)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        self._ready.clear()
+        # Let the readers log Envoy's last words (they end at EOF), but do not hang on them.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(*self._pumps, return_exceptions=True)
+        await _cancel(self._pumps)
         await self._admin.aclose()
         return code
 
@@ -277,8 +288,8 @@ class EnvoyProcess:
             "Envoy started",
             extra={"envoy_pid": self._process.pid, "restarts": self.restarts},
         )
-        self._tasks = [task for task in self._tasks if not task.done()]
-        self._tasks.append(
+        self._pumps = [task for task in self._pumps if not task.done()]
+        self._pumps.append(
             asyncio.create_task(self._pump_output(self._process), name="envoy-output")
         )
 
@@ -307,7 +318,11 @@ class EnvoyProcess:
             if self._stopping:
                 return
             self.restarts += 1
-            await self._spawn()
+            try:
+                await self._spawn()
+            except OSError as exc:  # e.g. the binary vanished: keep trying, with backoff
+                self._started_at = time.monotonic()
+                log.error("Envoy could not be started", extra={"error": str(exc)})
 
     async def _watch_readiness(self) -> None:
         while True:
