@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import stat
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -161,6 +162,12 @@ def _check_roots(label: str, roots_pem: bytes) -> None:
             is_ca = False
         if not is_ca:
             raise InvalidSecret(f"{label}: serial {root.serial_number:x} is not a CA certificate")
+
+
+def _pack(secret: Any) -> Any:
+    packed = any_pb2.Any()
+    packed.Pack(secret, deterministic=True)  # equal content, equal bytes: no needless push
+    return packed
 
 
 def _inline(data: bytes) -> Any:
@@ -309,15 +316,17 @@ class SdsServer:
         """
         staged: dict[str, Any] = {}
         if certificate is not None:
-            staged[CERT_SECRET] = certificate_proto(CERT_SECRET, certificate)
+            staged[CERT_SECRET] = _pack(certificate_proto(CERT_SECRET, certificate))
         if trust_bundle is not None:
-            staged[BUNDLE_SECRET] = bundle_proto(BUNDLE_SECRET, trust_bundle)
-        changed = {name: proto for name, proto in staged.items() if self._differs(name, proto)}
+            staged[BUNDLE_SECRET] = _pack(bundle_proto(BUNDLE_SECRET, trust_bundle))
+        changed = {
+            name: packed
+            for name, packed in staged.items()
+            if name not in self._resources or self._resources[name].packed.value != packed.value
+        }
         if changed:
             self._generation += 1
-            for name, proto in changed.items():
-                packed = any_pb2.Any()
-                packed.Pack(proto, deterministic=True)
+            for name, packed in changed.items():
                 self._resources[name] = _Resource(self._generation, packed)
             self._wake_subscribers(changed)
             log.info(
@@ -325,14 +334,6 @@ class SdsServer:
                 extra={"secrets": sorted(changed), "version": str(self._generation)},
             )
         return {name: str(self._resources[name].version) for name in staged}
-
-    def _differs(self, name: str, proto: Any) -> bool:
-        current = self._resources.get(name)
-        if current is None:
-            return True
-        packed = any_pb2.Any()
-        packed.Pack(proto, deterministic=True)
-        return bool(packed.value != current.packed.value)
 
     def _wake_subscribers(self, names: Iterable[str]) -> None:
         names = list(names)
@@ -532,6 +533,17 @@ def _prepare_socket_dir(socket_path: Path) -> None:
             f"(mode {stat.S_IMODE(info.st_mode):o}); it must be 0700"
         )
     if socket_path.is_socket():
+        if _someone_listens(socket_path):
+            raise FileExistsError(f"another SDS server is serving on {socket_path}")
         socket_path.unlink()  # left by a previous agent that did not stop cleanly
     elif socket_path.exists():
         raise FileExistsError(f"{socket_path} exists and is not a socket")
+
+
+def _someone_listens(socket_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            return False
+    return True

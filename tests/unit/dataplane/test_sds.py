@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -110,13 +111,19 @@ async def test_refuses_a_directory_others_can_enter(tmp_path: Path) -> None:
 
 async def test_stale_socket_is_replaced_and_stop_removes_it(tmp_path: Path) -> None:
     path = tmp_path / "run" / "sds.sock"
-    first = SdsServer(path)
-    await first.start()
-    second = SdsServer(path)  # e.g. an agent restarted after a crash
-    await second.start()
-    await second.stop()
-    await first.stop()
+    path.parent.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, never listening: a dead agent's
+        stale.bind(str(path))
+    server = SdsServer(path)
+    await server.start()
+    await server.stop()
     assert not path.exists()
+
+
+async def test_a_live_servers_socket_is_not_taken_over(server: SdsServer) -> None:
+    with pytest.raises(FileExistsError, match="another SDS server"):
+        await SdsServer(server.socket_path).start()
+    assert server.socket_path.is_socket()
 
 
 async def test_first_push_waits_for_the_secret_then_ack(
