@@ -1,0 +1,130 @@
+"""Tables and summaries for the terminal (rich), kept apart from the commands."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_console = Console(soft_wrap=True)
+
+
+def print_table(table: Table) -> None:
+    _console.print(table)
+
+
+def age(timestamp: str | None, now: datetime | None = None) -> str:
+    if not timestamp:
+        return "-"
+    then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _metadata(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = doc.get("metadata")
+    return meta if isinstance(meta, Mapping) else doc  # Kuma universal form is flat
+
+
+def summary(doc: Mapping[str, Any]) -> str:
+    """One short phrase that tells objects of a kind apart in a table."""
+    spec = doc.get("spec") if isinstance(doc.get("spec"), Mapping) else doc
+    assert isinstance(spec, Mapping)
+    kind = doc.get("kind") or doc.get("type")
+    if kind == "Dataplane":
+        return f"service={spec.get('service', '-')}"
+    if kind == "AuthorizationPolicy":
+        return f"action={spec.get('action', 'ALLOW')} rules={len(spec.get('rules') or [])}"
+    if kind == "PeerAuthentication":
+        return f"mode={(spec.get('mtls') or {}).get('mode', 'UNSET')}"
+    if kind == "TrafficPermission":
+        sources, destinations = spec.get("sources") or [], spec.get("destinations") or []
+        return f"sources={len(sources)} destinations={len(destinations)}"
+    return ""
+
+
+def object_table(items: list[dict[str, Any]], show_namespace: bool) -> Table:
+    table = Table(box=None, header_style="bold")
+    if show_namespace:
+        table.add_column("NAMESPACE")
+    for column in ("NAME", "KIND", "API VERSION", "VERSION", "AGE", "SUMMARY"):
+        table.add_column(column)
+    for doc in items:
+        meta = _metadata(doc)
+        row = [
+            str(meta.get("name", "")),
+            str(doc.get("kind") or doc.get("type", "")),
+            str(doc.get("apiVersion", "kuma (universal)")),
+            str(meta.get("resourceVersion", "-")),
+            age(meta.get("creationTimestamp") or meta.get("creationTime")),
+            summary(doc),
+        ]
+        table.add_row(*([str(meta.get("namespace", "")) or "-"] if show_namespace else []), *row)
+    return table
+
+
+def token_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "TYPE", "SCOPE", "EXPIRES", "STATUS"):
+        table.add_column(column)
+    for token in items:
+        scope = token.get("scope") or {}
+        text = (
+            "admin"
+            if scope.get("admin")
+            else ", ".join(
+                f"{key}={','.join(map(str, value))}"
+                if isinstance(value, list)
+                else f"{key}={value}"
+                for key, value in scope.items()
+                if key != "admin"
+            )
+        )
+        status = "revoked" if token.get("revokedAt") else "active"
+        table.add_row(token["name"], token["type"], text, token.get("expiresAt") or "never", status)
+    return table
+
+
+def audit_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in (
+        "SEQ",
+        "AT",
+        "TOKEN",
+        "ACTION",
+        "KIND",
+        "NAMESPACE",
+        "NAME",
+        "VERSION",
+        "DIGEST",
+    ):
+        table.add_column(column)
+    for entry in items:
+        versions = f"{entry.get('old_version') or '-'} -> {entry.get('new_version') or '-'}"
+        table.add_row(
+            str(entry["seq"]),
+            entry["at"],
+            entry["actor"],
+            entry["action"],
+            entry["kind"],
+            entry["namespace"] or "-",
+            entry["name"],
+            versions,
+            str(entry["spec_digest"])[:12],
+        )
+    return table
+
+
+def write_results(results: list[dict[str, Any]], dry_run: bool) -> list[str]:
+    suffix = " (dry run)" if dry_run else ""
+    lines = []
+    for result in results:
+        where = f"{result['namespace']}/" if result.get("namespace") else ""
+        lines.append(f"{result['kind']} {where}{result['name']} {result['outcome']}{suffix}")
+    return lines
