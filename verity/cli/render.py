@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-_console = Console(soft_wrap=True)
+# A pipe or a log file has no width; rich would assume 80 columns and cut names short.
+_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def print_table(table: Table) -> None:
