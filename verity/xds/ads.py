@@ -37,6 +37,9 @@ from verity.xds.status import StatusBoard
 
 log = logging.getLogger("verity.xds.ads")
 
+# Envoy uses five type URLs at most; a stream asking for many more is not an Envoy.
+MAX_TYPES_PER_STREAM = 32
+
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHOD = "StreamAggregatedResources"
 
@@ -229,9 +232,9 @@ class _Session:
             self.refuse(grpc.StatusCode.PERMISSION_DENIED, "a stream serves the node it began with")
             return
         type_url = request.type_url
-        state = self._types.get(type_url)
+        state = self._types.get(type_url) or self._new_type(type_url)
         if state is None:
-            state = self._types[type_url] = _TypeState(type_url in typeurls.WILDCARD_TYPES)
+            return
         self._status.requested(self.node_id, type_url)
         verdict = classify(state, request)
         if verdict is _Verdict.STALE:
@@ -240,6 +243,16 @@ class _Session:
         if self._needs_response(type_url, state, verdict, request):
             self._pending.add(type_url)
             self._wake.set()
+
+    def _new_type(self, type_url: str) -> _TypeState | None:
+        if not type_url:
+            self.refuse(grpc.StatusCode.INVALID_ARGUMENT, "an ADS request needs a type_url")
+            return None
+        if len(self._types) >= MAX_TYPES_PER_STREAM:
+            self.refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many type URLs on one stream")
+            return None
+        state = self._types[type_url] = _TypeState(type_url in typeurls.WILDCARD_TYPES)
+        return state
 
     def _needs_response(
         self, type_url: str, state: _TypeState, verdict: _Verdict, request: Any

@@ -20,9 +20,9 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from verity.xds import typeurls
@@ -74,9 +74,34 @@ def _encode(**fields: str) -> bytes:
     return bytes(discovery_pb2.DiscoveryResponse(**fields).SerializeToString())
 
 
-def _content_version(resources: Iterable[CachedResource]) -> str:
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _resource_entry(type_url: str, value: bytes) -> bytes:
+    """`DiscoveryResponse.resources` entry (field 2) holding Any{type_url (1), value (2)}.
+
+    Encoded by hand: building an Any and a DiscoveryResponse per resource only to serialize
+    them again costs twice as much, for every proxy on every change.
+    """
+    packed = _length_delimited(1, type_url.encode()) + _length_delimited(2, value)
+    return _length_delimited(2, packed)
+
+
+def _content_version(ordered: Iterable[CachedResource]) -> str:
     hasher = hashlib.sha256()
-    for resource in sorted(resources, key=lambda r: r.name):
+    for resource in ordered:
         name = resource.name.encode()
         hasher.update(len(name).to_bytes(4, "big") + name + resource.digest)
     return hasher.hexdigest()[:_VERSION_CHARS]
@@ -94,20 +119,26 @@ def _type_resources(type_url: str, resources: Mapping[str, CachedResource]) -> T
     )
 
 
-def _resource_name(message: Message) -> str | None:
-    fields = message.DESCRIPTOR.fields_by_name
-    for field_name in _NAME_FIELDS:
-        if field_name in fields:
-            return str(getattr(message, field_name))
-    return None
+_shapes: dict[Any, tuple[str, str | None]] = {}
+
+
+def _shape(message_type: Any) -> tuple[str, str | None]:
+    """A message class's type URL and the field holding its resource name, if any."""
+    shape = _shapes.get(message_type)
+    if shape is None:
+        descriptor = message_type.DESCRIPTOR
+        fields = descriptor.fields_by_name
+        name_field = next((f for f in _NAME_FIELDS if f in fields), None)
+        shape = _shapes[message_type] = (typeurls.type_url_of(descriptor.full_name), name_field)
+    return shape
 
 
 def _check(type_url: str, name: str, message: Message) -> None:
     """Refuse a resource Envoy would file under another type or name (it would go missing)."""
-    actual_type = typeurls.type_url_of(message.DESCRIPTOR.full_name)
+    actual_type, name_field = _shape(type(message))
     if actual_type != type_url:
         raise ValueError(f"resource {name!r} is a {actual_type}, not a {type_url}")
-    own_name = _resource_name(message)
+    own_name = None if name_field is None else getattr(message, name_field)
     if own_name is not None and own_name != name:
         raise ValueError(f"resource {name!r} of {type_url} names itself {own_name!r}")
 
@@ -171,9 +202,7 @@ class SnapshotCache:
 
     def _serialize(self, type_url: str, name: str, message: Message) -> CachedResource:
         _check(type_url, name, message)
-        value = message.SerializeToString(deterministic=True)
-        packed = any_pb2.Any(type_url=type_url, value=value)
-        wire = bytes(discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString())
+        wire = _resource_entry(type_url, message.SerializeToString(deterministic=True))
         digest = hashlib.sha256(wire).digest()
         key = (type_url, name, digest)
         interned = self._interned.get(key)

@@ -235,7 +235,8 @@ class StatusBoard:
         `versions` is either type URL -> version (the same for every proxy) or a function
         (node id, type URL) -> version, e.g. `SnapshotCache.version`; a missing or None
         version expects nothing for that pair. Returns True when all are ACKed, False on
-        timeout or as soon as one proxy NACKs an expected version.
+        timeout or as soon as one proxy NACKs an expected version. A proxy that is not
+        connected cannot ACK: to gate on "every connected proxy", pass `connected_nodes()`.
         """
         expected = _expected(node_ids, type_urls, versions)
         remaining = {k: v for k, v in expected.items() if self.acked_version(*k) != v}

@@ -342,3 +342,12 @@ async def test_stream_ends_are_reported_as_errors_to_the_client(harness: AdsHarn
     await envoy.subscribe(LISTENER)
     with pytest.raises(StreamEnded):
         await envoy.receive()
+
+
+async def test_request_without_type_url_is_refused(harness: AdsHarness) -> None:
+    harness.cache.set_resources("node-a", base_config())
+    envoy = await connected(harness, "node-a", (LISTENER,))
+
+    await envoy.send("")
+
+    assert (await envoy.ended()).code is grpc.StatusCode.INVALID_ARGUMENT

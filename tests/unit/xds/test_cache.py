@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.unit.xds.conftest import cluster, config, endpoints, listener, route
@@ -133,3 +134,18 @@ def test_push_order_is_make_before_break() -> None:
         "x.Other",
     ]
     assert typeurls.short_name(ENDPOINT) == "eds"
+
+
+def test_large_resources_round_trip() -> None:
+    cache = SnapshotCache()
+    big = cluster("big")
+    big.alt_stat_name = "x" * 70_000  # multi-byte lengths at every level
+    cache.set_resources("a", {CLUSTER: {"big": big, "small": cluster("small")}})
+    cds = cache.get("a", CLUSTER)
+    assert cds is not None
+
+    response = parse(cds.response(None, "1"))
+
+    unpacked = [cluster_pb2.Cluster() for _ in response.resources]
+    assert all(r.Unpack(u) for r, u in zip(response.resources, unpacked, strict=True))
+    assert unpacked == [big, cluster("small")]
