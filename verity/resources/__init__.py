@@ -16,7 +16,15 @@ from verity.resources.kinds import SUPPORTED_KINDS, is_namespaced, kind_alias
 from verity.resources.kuma import KumaMesh, KumaMeshSpec, TrafficPermission, TrafficPermissionSpec
 from verity.resources.loader import load_documents, parse_document, with_store_metadata
 from verity.resources.resource import Resource
-from verity.resources.verity_kinds import Dataplane, DataplaneSpec, Mesh, MeshSpec
+from verity.resources.verity_kinds import (
+    Dataplane,
+    DataplaneSpec,
+    Mesh,
+    MeshSpec,
+    RevocationList,
+    RevocationListSpec,
+    RevokedIdentity,
+)
 
 __all__ = [
     "SUPPORTED_KINDS",
@@ -35,6 +43,9 @@ __all__ = [
     "RequestAuthentication",
     "RequestAuthenticationSpec",
     "Resource",
+    "RevocationList",
+    "RevocationListSpec",
+    "RevokedIdentity",
     "TrafficPermission",
     "TrafficPermissionSpec",
     "is_namespaced",

@@ -29,6 +29,8 @@ from verity.resources.verity_kinds import (
     DataplaneSpec,
     Mesh,
     MeshSpec,
+    RevocationList,
+    RevocationListSpec,
 )
 
 
@@ -55,6 +57,7 @@ class KindInfo:
 KINDS: tuple[KindInfo, ...] = (
     KindInfo(VERITY_API_VERSION, "Mesh", Mesh, MeshSpec),
     KindInfo(VERITY_API_VERSION, "Dataplane", Dataplane, DataplaneSpec),
+    KindInfo(VERITY_API_VERSION, "RevocationList", RevocationList, RevocationListSpec),
     *(
         KindInfo(version, kind, resource, spec)
         for version in ISTIO_API_VERSIONS
@@ -87,6 +90,7 @@ _SHORT_NAMES = {
     "pa": "PeerAuthentication",
     "ra": "RequestAuthentication",
     "tp": "TrafficPermission",
+    "rl": "RevocationList",
 }
 
 

@@ -503,3 +503,50 @@ class Dataplane(Resource):
 
     def spiffe_id(self, trust_domain: str) -> str:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.spec.service_account}"
+
+
+# --- RevocationList ------------------------------------------------------------------------
+
+
+def check_spiffe_uri(value: str) -> str:
+    if not re.fullmatch(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+", value):
+        raise ValueError(
+            f"must be a SPIFFE ID like spiffe://cluster.local/ns/NS/sa/SA (got {value!r})"
+        )
+    return value
+
+
+class RevokedIdentity(Model):
+    """One identity whose certificates must no longer be issued nor accepted."""
+
+    spiffe_id: Annotated[str, AfterValidator(check_spiffe_uri)]
+    revoked_at: NonEmptyStr
+    reason: str = ""
+
+
+class RevocationListSpec(Model):
+    identities: list[RevokedIdentity] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> RevocationListSpec:
+        seen = [i.spiffe_id for i in self.identities]
+        duplicates = sorted({s for s in seen if seen.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"identities: {duplicates[0]} is listed twice")
+        return self
+
+
+class RevocationList(Resource):
+    """The revoked identities of one mesh (cluster-scoped; named after the mesh).
+
+    `verity identity revoke` maintains it; being a resource, every change is audited, watched
+    and pushed to the proxies like any other configuration.
+    """
+
+    STORE_KIND = "RevocationList"
+    NAMESPACED = False
+
+    spec: RevocationListSpec
+
+    def revoked(self) -> frozenset[str]:
+        return frozenset(i.spiffe_id for i in self.spec.identities)

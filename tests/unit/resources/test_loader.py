@@ -122,7 +122,9 @@ def test_unknown_kind_lists_the_kinds_of_that_api_version() -> None:
     assert exc.subject == "document 1"
     assert exc.errors == [
         FieldError(
-            "kind", "unsupported kind 'Meshh' for verity.dev/v1alpha1; supported: Mesh, Dataplane"
+            "kind",
+            "unsupported kind 'Meshh' for verity.dev/v1alpha1; "
+            "supported: Mesh, Dataplane, RevocationList",
         )
     ]
 
@@ -136,7 +138,7 @@ def test_every_supported_kind_is_listed() -> None:
     assert ("verity.dev/v1alpha1", "Mesh") in SUPPORTED_KINDS
     assert ("security.istio.io/v1beta1", "RequestAuthentication") in SUPPORTED_KINDS
     assert ("kuma.io/v1alpha1", "TrafficPermission") in SUPPORTED_KINDS
-    assert len(SUPPORTED_KINDS) == 10
+    assert len(SUPPORTED_KINDS) == 11
 
 
 # --- metadata ------------------------------------------------------------------------------
