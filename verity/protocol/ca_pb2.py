@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18verity/protocol/ca.proto\x12\x0cverity.ca.v1\")\n\x16SignCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\xb7\x01\n\x17SignCertificateResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x11\n\tchain_pem\x18\x03 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x04 \x01(\x0c\x12\x17\n\x0fnot_before_unix\x18\x05 \x01(\x03\x12\x16\n\x0enot_after_unix\x18\x06 \x01(\x03\x12\x12\n\nserial_hex\x18\x07 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"`\n\x16GetTrustBundleResponse\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x12\x16\n\x0erotation_stage\x18\x03 \x01(\t2\xd1\x01\n\x12\x43\x65rtificateService\x12^\n\x0fSignCertificate\x12$.verity.ca.v1.SignCertificateRequest\x1a%.verity.ca.v1.SignCertificateResponse\x12[\n\x0eGetTrustBundle\x12#.verity.ca.v1.GetTrustBundleRequest\x1a$.verity.ca.v1.GetTrustBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18verity/protocol/ca.proto\x12\x0cverity.ca.v1\")\n\x16SignCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\xb7\x01\n\x17SignCertificateResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x11\n\tchain_pem\x18\x03 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x04 \x01(\x0c\x12\x17\n\x0fnot_before_unix\x18\x05 \x01(\x03\x12\x16\n\x0enot_after_unix\x18\x06 \x01(\x03\x12\x12\n\nserial_hex\x18\x07 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x82\x01\n\x16GetTrustBundleResponse\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x12\x16\n\x0erotation_stage\x18\x03 \x01(\t\x12 \n\x18signing_root_fingerprint\x18\x04 \x01(\t\"2\n\x18RegisterDataplaneRequest\x12\x16\n\x0e\x64\x61taplane_yaml\x18\x01 \x01(\t\"V\n\x19RegisterDataplaneResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10resource_version\x18\x03 \x01(\x03\"\x98\x01\n\x0b\x41gentReport\x12\x11\n\tdataplane\x18\x01 \x01(\t\x12!\n\x19\x61pplied_root_fingerprints\x18\x02 \x03(\t\x12\x1d\n\x15leaf_root_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0fleaf_serial_hex\x18\x04 \x01(\t\x12\x1b\n\x13leaf_not_after_unix\x18\x05 \x01(\x03\"I\n\x11TrustBundleUpdate\x12\x34\n\x06\x62undle\x18\x01 \x01(\x0b\x32$.verity.ca.v1.GetTrustBundleResponse2\x8b\x03\n\x12\x43\x65rtificateService\x12^\n\x0fSignCertificate\x12$.verity.ca.v1.SignCertificateRequest\x1a%.verity.ca.v1.SignCertificateResponse\x12[\n\x0eGetTrustBundle\x12#.verity.ca.v1.GetTrustBundleRequest\x1a$.verity.ca.v1.GetTrustBundleResponse\x12\x64\n\x11RegisterDataplane\x12&.verity.ca.v1.RegisterDataplaneRequest\x1a\'.verity.ca.v1.RegisterDataplaneResponse\x12R\n\x10WatchTrustBundle\x12\x19.verity.ca.v1.AgentReport\x1a\x1f.verity.ca.v1.TrustBundleUpdate(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNCERTIFICATERESPONSE']._serialized_end=269
   _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=271
   _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=294
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=296
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=392
-  _globals['_CERTIFICATESERVICE']._serialized_start=395
-  _globals['_CERTIFICATESERVICE']._serialized_end=604
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=297
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=427
+  _globals['_REGISTERDATAPLANEREQUEST']._serialized_start=429
+  _globals['_REGISTERDATAPLANEREQUEST']._serialized_end=479
+  _globals['_REGISTERDATAPLANERESPONSE']._serialized_start=481
+  _globals['_REGISTERDATAPLANERESPONSE']._serialized_end=567
+  _globals['_AGENTREPORT']._serialized_start=570
+  _globals['_AGENTREPORT']._serialized_end=722
+  _globals['_TRUSTBUNDLEUPDATE']._serialized_start=724
+  _globals['_TRUSTBUNDLEUPDATE']._serialized_end=797
+  _globals['_CERTIFICATESERVICE']._serialized_start=800
+  _globals['_CERTIFICATESERVICE']._serialized_end=1195
 # @@protoc_insertion_point(module_scope)

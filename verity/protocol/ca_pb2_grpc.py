@@ -44,6 +44,16 @@ class CertificateServiceStub:
                 request_serializer=verity_dot_protocol_dot_ca__pb2.GetTrustBundleRequest.SerializeToString,
                 response_deserializer=verity_dot_protocol_dot_ca__pb2.GetTrustBundleResponse.FromString,
                 _registered_method=True)
+        self.RegisterDataplane = channel.unary_unary(
+                '/verity.ca.v1.CertificateService/RegisterDataplane',
+                request_serializer=verity_dot_protocol_dot_ca__pb2.RegisterDataplaneRequest.SerializeToString,
+                response_deserializer=verity_dot_protocol_dot_ca__pb2.RegisterDataplaneResponse.FromString,
+                _registered_method=True)
+        self.WatchTrustBundle = channel.stream_stream(
+                '/verity.ca.v1.CertificateService/WatchTrustBundle',
+                request_serializer=verity_dot_protocol_dot_ca__pb2.AgentReport.SerializeToString,
+                response_deserializer=verity_dot_protocol_dot_ca__pb2.TrustBundleUpdate.FromString,
+                _registered_method=True)
 
 
 class CertificateServiceServicer:
@@ -65,6 +75,25 @@ class CertificateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterDataplane(self, request, context):
+        """Register (create or update) the caller's Dataplane. Its mesh, namespace and service
+        account must be the token's identity (PERMISSION_DENIED otherwise); INVALID_ARGUMENT names
+        the bad field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTrustBundle(self, request_iterator, context):
+        """A long-lived stream per agent. The control plane sends the trust bundle and rotation stage
+        now and whenever they change; the agent reports what its proxy has applied (after Envoy
+        ACKed the SDS update). Root rotation advances only when every connected agent reports the
+        previous stage applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +106,16 @@ def add_CertificateServiceServicer_to_server(servicer, server):
                     servicer.GetTrustBundle,
                     request_deserializer=verity_dot_protocol_dot_ca__pb2.GetTrustBundleRequest.FromString,
                     response_serializer=verity_dot_protocol_dot_ca__pb2.GetTrustBundleResponse.SerializeToString,
+            ),
+            'RegisterDataplane': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterDataplane,
+                    request_deserializer=verity_dot_protocol_dot_ca__pb2.RegisterDataplaneRequest.FromString,
+                    response_serializer=verity_dot_protocol_dot_ca__pb2.RegisterDataplaneResponse.SerializeToString,
+            ),
+            'WatchTrustBundle': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchTrustBundle,
+                    request_deserializer=verity_dot_protocol_dot_ca__pb2.AgentReport.FromString,
+                    response_serializer=verity_dot_protocol_dot_ca__pb2.TrustBundleUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +172,60 @@ class CertificateService:
             '/verity.ca.v1.CertificateService/GetTrustBundle',
             verity_dot_protocol_dot_ca__pb2.GetTrustBundleRequest.SerializeToString,
             verity_dot_protocol_dot_ca__pb2.GetTrustBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterDataplane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/verity.ca.v1.CertificateService/RegisterDataplane',
+            verity_dot_protocol_dot_ca__pb2.RegisterDataplaneRequest.SerializeToString,
+            verity_dot_protocol_dot_ca__pb2.RegisterDataplaneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrustBundle(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/verity.ca.v1.CertificateService/WatchTrustBundle',
+            verity_dot_protocol_dot_ca__pb2.AgentReport.SerializeToString,
+            verity_dot_protocol_dot_ca__pb2.TrustBundleUpdate.FromString,
             options,
             channel_credentials,
             insecure,
