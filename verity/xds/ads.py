@@ -86,7 +86,6 @@ class _TypeState:
     """One stream's protocol state for one type URL."""
 
     wildcard: bool
-    subscribed: bool = False
     names: frozenset[str] | None = None
     nonce: str = ""
     version: str = ""
@@ -160,6 +159,8 @@ class _Session:
         try:
             self._handle(first)
             await self._write_loop()
+        except grpc.RpcError as exc:  # the client is gone; nothing to tell it
+            log.debug("ADS stream write failed: %s", exc.__class__.__name__)
         finally:
             unwatch()
             reader.cancel()
@@ -168,7 +169,7 @@ class _Session:
             await _abort(self._context, self._refusal.code, self._refusal.details)
 
     def _on_change(self, type_urls: frozenset[str]) -> None:
-        subscribed = {t for t in type_urls if t in self._types and self._types[t].subscribed}
+        subscribed = type_urls & self._types.keys()
         if subscribed:
             self._pending |= subscribed
             self._wake.set()
@@ -258,7 +259,6 @@ class _Session:
         self, type_url: str, state: _TypeState, verdict: _Verdict, request: Any
     ) -> bool:
         if verdict is _Verdict.INITIAL:
-            state.subscribed = True
             return True
         if verdict is _Verdict.ASKS_AGAIN:
             # Asking again for exactly what was rejected would only be rejected again.

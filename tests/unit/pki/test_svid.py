@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -392,6 +392,7 @@ def test_bad_csr_signature_refused(ca: CertificateAuthority) -> None:
         (lambda: ec.generate_private_key(ec.SECP256K1()), "EC curve secp256k1 is not accepted"),
         (lambda: ec.generate_private_key(ec.SECP521R1()), "EC curve secp521r1 is not accepted"),
         (ed25519.Ed25519PrivateKey.generate, "Ed25519 keys are not accepted: Envoy (BoringSSL)"),
+        (ed448.Ed448PrivateKey.generate, "Ed448 keys are not accepted"),
     ],
 )
 def test_weak_or_unsupported_csr_keys_refused_with_reason(

@@ -36,11 +36,12 @@ def base_config() -> dict[str, dict[str, object]]:
 async def connected(
     harness: AdsHarness, node_id: str, types: tuple[str, ...] = (CLUSTER, LISTENER)
 ) -> FakeEnvoy:
-    """A client subscribed (wildcard) to the given types, with every first response ACKed."""
+    """A client subscribed (wildcard) to the given types, its ACKs recorded by the server."""
     envoy = harness.envoy(node_id)
     for type_url in types:
         await envoy.subscribe(type_url)
         await envoy.receive_and_ack()
+        assert await acked(harness, node_id, type_url)
     return envoy
 
 
@@ -203,6 +204,7 @@ async def test_nack_is_recorded_scrubbed_and_not_answered_with_the_same_version(
     good = harness.cache.version("node-a", LISTENER)
     await envoy.subscribe(LISTENER)
     await envoy.receive_and_ack()
+    assert await acked(harness, "node-a", LISTENER)  # before the next push makes it stale
 
     harness.cache.set_resources("node-a", config(listeners=[listener("in", 1)]))
     bad_version = harness.cache.version("node-a", LISTENER)
@@ -231,6 +233,7 @@ async def test_eds_re_request_after_cds_update_is_answered(harness: AdsHarness) 
     envoy = await connected(harness, "node-a", (CLUSTER,))
     await envoy.subscribe(ENDPOINT, ["app", "db"])
     eds = await envoy.receive_and_ack()
+    assert await acked(harness, "node-a", ENDPOINT)
 
     # Only a cluster changes; its endpoints do not.
     updated = base_config()
