@@ -143,8 +143,15 @@ def sanity_check(ca: CertificateAuthority, csr_pem: bytes) -> None:
 
 
 def issuance(ca: CertificateAuthority, csrs: list[bytes]) -> Callable[[], object]:
-    pool = itertools.cycle(csrs)
-    return lambda: issue_svid(ca, next(pool), IDENTITY, datetime.now(UTC))
+    # 500 identities (20 namespaces), not one, so per-identity caching is not flattered.
+    identities = [SpiffeId("cluster.local", f"ns{i % 20}", f"sa{i}") for i in range(500)]
+    pool = itertools.cycle(zip(csrs, itertools.cycle(identities), strict=False))
+
+    def issue_one() -> object:
+        csr, identity = next(pool)
+        return issue_svid(ca, csr, identity, datetime.now(UTC))
+
+    return issue_one
 
 
 def main() -> None:

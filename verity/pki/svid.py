@@ -26,6 +26,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -171,6 +172,21 @@ def _random_serial() -> int:
             return serial
 
 
+# The SKI extension up to its 20-byte SHA-1 value: everything before the digest is constant.
+_SKI_EXTENSION_HEADER = _der.extension(
+    _der.OID_SUBJECT_KEY_ID, False, _der.tlv(_der.OCTET_STRING, bytes(20))
+)[:-20]
+
+
+@lru_cache(maxsize=4096)  # one entry per identity: replicas and renewals repeat them
+def _san_extension(uri: str) -> bytes:
+    return _der.extension(
+        _der.OID_SUBJECT_ALT_NAME,
+        True,  # critical: RFC 5280 4.2.1.6 requires it when the subject is empty
+        _der.tlv(_der.SEQUENCE, _der.tlv(_der.URI_NAME, uri.encode("ascii"))),
+    )
+
+
 def build_tbs_certificate(
     ca: CertificateAuthority,
     public_key: AcceptedPublicKey,
@@ -189,12 +205,9 @@ def build_tbs_certificate(
     is_rsa = isinstance(public_key, rsa.RSAPublicKey)
     extensions = (
         (_FIXED_EXTENSIONS_RSA if is_rsa else _FIXED_EXTENSIONS_EC)
-        + _der.extension(
-            _der.OID_SUBJECT_ALT_NAME,
-            True,  # critical: RFC 5280 4.2.1.6 requires it when the subject is empty
-            _der.tlv(_der.SEQUENCE, _der.tlv(_der.URI_NAME, str(identity).encode("ascii"))),
-        )
-        + _der.extension(_der.OID_SUBJECT_KEY_ID, False, _der.tlv(_der.OCTET_STRING, key_id))
+        + _san_extension(str(identity))
+        + _SKI_EXTENSION_HEADER
+        + key_id
         + issuer.authority_key_id_extension
     )
     return _der.tlv(
