@@ -58,17 +58,36 @@ def run_tour(workdir: Path) -> int:
     log = (workdir / "control-plane.log").open("wb")
     _step(f"Starting the control plane (data dir {workdir / 'data'})")
     plane = subprocess.Popen(
-        [sys.executable, "-m", "verity.cli.main", "control-plane", "run",
-         "--data-dir", str(workdir / "data"), "--api-address", f"127.0.0.1:{port}"],
-        env=env, stdout=log, stderr=log,
+        [
+            sys.executable,
+            "-m",
+            "verity.cli.main",
+            "control-plane",
+            "run",
+            "--data-dir",
+            str(workdir / "data"),
+            "--api-address",
+            f"127.0.0.1:{port}",
+            "--grpc-address",
+            f"127.0.0.1:{_free_port()}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
     )
     failures = 0
     try:
         _wait_ready(f"http://127.0.0.1:{port}", plane)
         _step("Applying examples/ (every kind: Verity, Istio and Kuma)")
         failures += _verity(env, "apply", "-R", "-f", str(REPO / "examples")) != 0
-        for kind in ("mesh", "dataplane", "peerauthentication", "authorizationpolicy",
-                     "requestauthentication", "trafficpermission"):
+        for kind in (
+            "mesh",
+            "dataplane",
+            "peerauthentication",
+            "authorizationpolicy",
+            "requestauthentication",
+            "trafficpermission",
+        ):
             _step(f"verity get {kind} -A")
             failures += _verity(env, "get", kind, "-A") != 0
         _step("The audit trail: who changed what, hash-chained")

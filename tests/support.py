@@ -39,12 +39,21 @@ class ControlPlane:
     config_dir: Path
     port: int
     log_path: Path
+    grpc_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = field(default=0)
 
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "cp-ca.pem"
 
     @property
     def admin_token(self) -> str:
@@ -64,6 +73,8 @@ class ControlPlane:
                 str(self.data_dir),
                 "--api-address",
                 f"127.0.0.1:{self.port}",
+                "--grpc-address",
+                self.grpc_target,
             ],
             env=cli_env(self.config_dir),
             stdout=log,

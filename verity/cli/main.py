@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -34,6 +35,10 @@ audit_app = typer.Typer(
     help="Read and verify the audit trail of every write.", no_args_is_help=True
 )
 cp_app = typer.Typer(help="Run the control plane.", no_args_is_help=True)
+identity_app = typer.Typer(help="Revoke workload identities.", no_args_is_help=True)
+ca_app = typer.Typer(help="Show and rotate a mesh's certificate authority.", no_args_is_help=True)
+app.add_typer(identity_app, name="identity")
+app.add_typer(ca_app, name="ca")
 app.add_typer(token_app, name="token")
 token_app.add_typer(token_create_app, name="create")
 app.add_typer(audit_app, name="audit")
@@ -245,13 +250,114 @@ def token_create_user(
         "verbs": _csv(verbs),
     }
     if valid_for:
-        try:
-            body["validForSeconds"] = int(parse_duration(valid_for).total_seconds())
-        except ValueError as exc:
-            raise CliError(f"--valid-for: {exc}") from exc
+        body["validForSeconds"] = _seconds(valid_for, "--valid-for")
     with _client() as client:
         reply = client.request("POST", "/api/v1/tokens", json=body)
     typer.echo(reply["token"])
+
+
+@token_create_app.command("dataplane")
+def token_create_dataplane(
+    namespace: Annotated[str, typer.Option("--namespace", "-n")],
+    service_account: Annotated[str, typer.Option("--service-account")],
+    mesh: Annotated[str, typer.Option("--mesh")] = "default",
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    valid_for: Annotated[str | None, typer.Option("--valid-for", help="default 720h")] = None,
+) -> None:
+    """Create a token bound to one workload identity. Prints the secret once."""
+    body: dict[str, Any] = {
+        "mesh": mesh,
+        "namespace": namespace,
+        "serviceAccount": service_account,
+        "name": name,
+    }
+    if valid_for:
+        body["validForSeconds"] = _seconds(valid_for, "--valid-for")
+    with _client() as client:
+        reply = client.request("POST", "/api/v1/tokens/dataplane", json=body)
+    typer.echo(reply["token"])
+
+
+def _seconds(text: str, flag: str) -> int:
+    try:
+        return int(parse_duration(text).total_seconds())
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}") from exc
+
+
+@identity_app.command("revoke")
+def identity_revoke(
+    spiffe_id: str,
+    mesh: Annotated[str, typer.Option("--mesh")] = "default",
+    reason: Annotated[str, typer.Option("--reason")] = "",
+) -> None:
+    """Stop issuing certificates for an identity, deny it in traffic, revoke its tokens."""
+    with _client() as client:
+        reply = client.request(
+            "POST",
+            "/api/v1/identities/revoke",
+            json={"spiffeId": spiffe_id, "mesh": mesh, "reason": reason},
+        )
+    tokens = ", ".join(reply["revokedTokens"]) or "none"
+    typer.echo(
+        f"identity {reply['spiffeId']} revoked in mesh {reply['mesh']} (tokens revoked: {tokens})"
+    )
+
+
+@ca_app.command("show")
+def ca_show(
+    mesh: Annotated[str, typer.Option("--mesh")] = "default",
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """The mesh's roots (certificates only), fingerprints, expiry and rotation stage."""
+    with _client() as client:
+        view = client.request("GET", f"/api/v1/meshes/{mesh}/ca")
+    if output is not Output.table:
+        _print_objects([view], output, show_namespace=False)
+        return
+    for line in render.ca_summary(view):
+        typer.echo(line)
+    render.print_table(render.roots_table(view["roots"]))
+
+
+@ca_app.command("rotate")
+def ca_rotate(
+    mesh: Annotated[str, typer.Option("--mesh")] = "default",
+    step: Annotated[bool, typer.Option("--step", help="Advance one stage only.")] = False,
+    timeout: Annotated[str, typer.Option("--timeout", help="Per stage.")] = "10m",
+) -> None:
+    """Rotate the root: add the new root, reissue leaves, remove the old root.
+
+    Each stage waits until it has reached every connected proxy before the next one starts.
+    """
+    per_stage = _seconds(timeout, "--timeout")
+    with _client() as client:
+        view = _advance(client, mesh, per_stage)
+        while not step and view["stage"] != "STABLE":
+            view = _advance(client, mesh, per_stage)
+
+
+def _advance(client: ApiClient, mesh: str, timeout_s: int) -> dict[str, Any]:
+    """POST rotate until the gate opens, printing progress while proxies catch up."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        try:
+            view: dict[str, Any] = client.request("POST", f"/api/v1/meshes/{mesh}/ca/rotate")
+            typer.echo(render.progress_line(view, reached_stage=True))
+            return view
+        except CliError as exc:
+            if "reached every proxy" not in str(exc):
+                raise
+            gate = exc
+        current = client.request("GET", f"/api/v1/meshes/{mesh}/ca")
+        line = render.progress_line(current)
+        if line != last:
+            typer.echo(line)
+            last = line
+        if time.monotonic() > deadline:
+            raise CliError(f"stage {current['stage']} did not reach every proxy in time: {gate}")
+        time.sleep(0.5)
 
 
 @token_app.command("list")
@@ -314,6 +420,13 @@ def control_plane_run(
     api_address: Annotated[
         str, typer.Option("--api-address", help="host:port of the REST API.")
     ] = "127.0.0.1:5681",
+    grpc_address: Annotated[
+        str, typer.Option("--grpc-address", help="host:port of the CA service and ADS (TLS).")
+    ] = "0.0.0.0:5678",
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option("--server-name", help="Name or IP agents use to reach the gRPC port; repeat."),
+    ] = None,
     store: Annotated[
         str | None, typer.Option("--store", help="Store URL (default: SQLite in the data dir).")
     ] = None,
@@ -325,14 +438,27 @@ def control_plane_run(
     from verity.controlplane.server import ControlPlaneConfig, run
     from verity.observe.logs import configure
 
-    host, _, port = api_address.rpartition(":")
-    if not host or not port.isdigit():
-        raise CliError(f"--api-address: expected host:port (got {api_address!r})")
+    host, port = _host_port(api_address, "--api-address")
+    grpc_host, grpc_port = _host_port(grpc_address, "--grpc-address")
     configure(log_level)
+    names = tuple(server_name or ("localhost", "127.0.0.1"))
     config = ControlPlaneConfig(
-        data_dir=data_dir, api_host=host, api_port=int(port), store_url=store
+        data_dir=data_dir,
+        api_host=host,
+        api_port=port,
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
+        server_names=names,
+        store_url=store,
     )
     asyncio.run(run(config))
+
+
+def _host_port(value: str, flag: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise CliError(f"{flag}: expected host:port (got {value!r})")
+    return host, int(port)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,32 @@ def write_results(results: list[dict[str, Any]], dry_run: bool) -> list[str]:
         where = f"{result['namespace']}/" if result.get("namespace") else ""
         lines.append(f"{result['kind']} {where}{result['name']} {result['outcome']}{suffix}")
     return lines
+
+
+def ca_summary(view: dict[str, Any]) -> list[str]:
+    progress = view["progress"]
+    return [
+        f"mesh {view['mesh']}: trust domain {view['trustDomain']}, {view['backend']} CA",
+        f"rotation stage: {view['stage']} "
+        f"({progress['reached']}/{progress['total']} connected proxies have applied it)",
+        f"signing root: {view['signingRootFingerprint']}",
+    ]
+
+
+def roots_table(roots: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("ROLE", "SUBJECT", "SHA-256", "NOT AFTER"):
+        table.add_column(column)
+    for root in roots:
+        table.add_row(root["role"], root["subject"], root["sha256"], root["notAfter"])
+    return table
+
+
+def progress_line(view: dict[str, Any], reached_stage: bool = False) -> str:
+    progress = view["progress"]
+    if reached_stage:
+        return f"stage {view['stage']}: started"
+    waiting = ", ".join(progress["lagging"][:5])
+    return f"stage {view['stage']}: {progress['reached']}/{progress['total']} proxies applied" + (
+        f"; waiting for {waiting}" if waiting else ""
+    )

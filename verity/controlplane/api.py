@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,10 +21,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verity import __version__
 from verity.controlplane import auth
+from verity.controlplane.agents import AgentRegistry
+from verity.controlplane.api_common import ApiError, Caller
+from verity.controlplane.api_identity import router as identity_router
 from verity.controlplane.bodylimit import BodyLimitMiddleware, BodyTooLarge
+from verity.controlplane.meshca import MeshCAs, MeshView, new_ca
 from verity.controlplane.metrics import ApiMetrics
+from verity.controlplane.secrets_guard import inline_private_keys
+from verity.pki import PkiError
 from verity.resources import (
     InvalidResource,
+    KumaMesh,
+    Mesh,
+    Resource,
     is_namespaced,
     kind_alias,
     load_documents,
@@ -46,13 +55,6 @@ from verity.store.base import (
 log = logging.getLogger("verity.api")
 
 DEFAULT_BODY_LIMIT = 4 * 1024 * 1024
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, details: list[dict[str, str]] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.details = details or []
 
 
 class UserTokenRequest(BaseModel):
@@ -183,30 +185,19 @@ async def _read_text(request: Request) -> str:
         raise ApiError(400, f"body: not valid UTF-8 at byte {exc.start}") from exc
 
 
-async def current_caller(request: Request) -> auth.Caller:
-    """The authenticated caller of this request (401 when there is none)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
-        raise auth.Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
-    store: Store = request.app.state.store
-    record = await store.find_token(auth.hash_secret(secret.strip()))
-    if record is None:
-        raise auth.Unauthenticated("unknown token")
-    return auth.caller_from_record(record, _now())
-
-
-Caller = Annotated[auth.Caller, Depends(current_caller)]
-
-
 def create_app(
     store: Store,
     *,
     body_limit: int = DEFAULT_BODY_LIMIT,
     ready: Callable[[], bool] = lambda: True,
+    cas: MeshCAs | None = None,
+    agents: AgentRegistry | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Verity control plane", version=__version__)
     app.state.store = store
+    app.state.cas = cas
+    app.state.agents = agents
+    app.include_router(identity_router)
     metrics = ApiMetrics()
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit)
@@ -225,7 +216,6 @@ def create_app(
             extra={"method": request.method, "path": path, "status": response.status_code},
         )
         return response
-
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -255,6 +245,8 @@ def create_app(
         ops = []
         for res in resources:
             auth.authorize(who, verb, res.kind, res.namespace)
+            _refuse_inline_keys(res)
+            _check_provided_ca(res)
             expected = int(res.resource_version) if res.resource_version else None
             ops.append(
                 WriteOp(
@@ -401,6 +393,29 @@ def create_app(
         return {"intact": not problems, "problems": problems}
 
     return app
+
+
+def _check_provided_ca(resource: Resource) -> None:
+    """A provided CA is checked at apply, so a bad one is refused with its reason right away."""
+    if not isinstance(resource, Mesh | KumaMesh):
+        return
+    spec = resource.as_verity_mesh()
+    if spec.ca.backend != "provided":
+        return
+    try:
+        new_ca(MeshView(resource.name, spec), datetime.now(UTC))
+    except PkiError as exc:
+        raise ApiError(422, f"{resource.subject}: spec.ca.provided: {exc}") from exc
+
+
+def _refuse_inline_keys(resource: Resource) -> None:
+    paths = inline_private_keys(resource.to_document())
+    if paths:
+        raise ApiError(
+            422,
+            f"{resource.subject}: {paths[0]}: a private key must not be stored in a resource; "
+            "give it as a file on the control-plane host (keyFile, 0600) instead",
+        )
 
 
 def _parse_selector(selector: str | None) -> dict[str, str] | None:

@@ -16,13 +16,29 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import uvicorn
 
 from verity.controlplane import auth
+from verity.controlplane.agents import AgentRegistry
 from verity.controlplane.api import create_app
+from verity.controlplane.ca_service import CertificateService, add_to_server
 from verity.controlplane.clientconfig import write_client_config
+from verity.controlplane.meshca import MeshCAs
+from verity.controlplane.servingtls import CA_CERT, ensure_serving_credentials
+from verity.pki import load_kek
+from verity.resources import load_documents
 from verity.store import open_store
-from verity.store.base import StorageUnavailable, Store, TokenRecord
+from verity.store.base import (
+    Conflict,
+    ObjectKey,
+    StorageUnavailable,
+    Store,
+    TokenRecord,
+    WriteAction,
+    WriteOp,
+)
+from verity.xds.ads import SERVER_OPTIONS
 
 log = logging.getLogger("verity.controlplane")
 
@@ -35,8 +51,37 @@ class ControlPlaneConfig:
     data_dir: Path
     api_host: str = "127.0.0.1"
     api_port: int = 5681
+    grpc_host: str = "0.0.0.0"  # noqa: S104 (agents on other hosts connect; TLS + tokens)
+    grpc_port: int = 5678
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     store_url: str | None = None
     write_client_config: bool = True
+
+
+DEFAULT_MESH = """\
+apiVersion: verity.dev/v1alpha1
+kind: Mesh
+metadata:
+  name: default
+spec: {}
+"""
+
+
+async def ensure_default_mesh(store: Store) -> None:
+    """Like Kuma, start with a `default` mesh (STRICT mTLS, default deny) if there is none."""
+    if await store.list(kind="Mesh"):
+        return
+    (mesh,) = load_documents(DEFAULT_MESH)
+    op = WriteOp(
+        WriteAction.CREATE,
+        ObjectKey(*mesh.key()),
+        api_version=mesh.api_version,
+        document=mesh.to_document(),
+    )
+    try:
+        await store.write([op], actor="system")
+    except Conflict:
+        pass  # another replica created it first
 
 
 def write_private_file(path: Path, content: str) -> None:
@@ -111,9 +156,15 @@ async def run(config: ControlPlaneConfig) -> None:
         await store.open()
     except StorageUnavailable as exc:
         raise SystemExit(f"error: {exc}") from exc
+    grpc_server: grpc.aio.Server | None = None
     try:
         token_file = await ensure_admin_token(store, config.data_dir)
-        app = create_app(store)
+        await ensure_default_mesh(store)
+        kek = load_kek(os.environ, config.data_dir / "kek", generate_if_missing=True)
+        cas = MeshCAs(store, kek)
+        agents = AgentRegistry()
+        grpc_server = await start_grpc(config, CertificateService(store, cas, agents))
+        app = create_app(store, cas=cas, agents=agents)
         server = _ApiServer(
             uvicorn.Config(
                 app,
@@ -140,8 +191,26 @@ async def run(config: ControlPlaneConfig) -> None:
         if not server.started:
             raise SystemExit(f"cannot serve the API on {config.api_host}:{config.api_port}")
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
         await store.close()
         log.info("control plane stopped")
+
+
+async def start_grpc(config: ControlPlaneConfig, ca: CertificateService) -> grpc.aio.Server:
+    """The gRPC port (CA service and ADS) over TLS with the control plane's serving cert."""
+    creds = ensure_serving_credentials(config.data_dir, list(config.server_names))
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    add_to_server(server, ca)
+    address = f"{config.grpc_host}:{config.grpc_port}"
+    bound = server.add_secure_port(
+        address, grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)])
+    )
+    if not bound:
+        raise SystemExit(f"error: cannot serve gRPC on {address}")
+    await server.start()
+    log.info("grpc serving", extra={"address": address, "ca_file": str(config.data_dir / CA_CERT)})
+    return server
 
 
 def _request_exit(server: uvicorn.Server, sig: signal.Signals) -> None:

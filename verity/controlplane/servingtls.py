@@ -124,7 +124,9 @@ def ensure_serving_credentials(data_dir: Path, names: list[str]) -> ServingCrede
         _write_private(ca_key_path, _key_pem(ca_key))
         ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_path, key_path, names_path = (
-        data_dir / SERVING_CERT, data_dir / SERVING_KEY, data_dir / SERVING_NAMES,
+        data_dir / SERVING_CERT,
+        data_dir / SERVING_KEY,
+        data_dir / SERVING_NAMES,
     )
     wanted = ",".join(names)
     fresh = (
