@@ -10,13 +10,21 @@ modes under each.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
 import subprocess
-from collections.abc import Mapping
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -24,9 +32,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from tests.unit.dataplane.certs import ThrowawayCA
 from tests.unit.xds.test_translate_marketplace import MARKETPLACE_KEYS, snapshot, with_reports
 from verity.dataplane.bootstrap import BootstrapParams, render_bootstrap
+from verity.dataplane.envoy import EnvoyOptions, EnvoyProcess
 from verity.dataplane.envoybinary import envoy_binary
+from verity.dataplane.sds import CERT_SECRET, SdsServer, SpiffeTrustBundle
+from verity.resources import Dataplane, MeshSpec, load_documents
 from verity.xds import typeurls
 from verity.xds.snapshot import MeshSnapshot
 from verity.xds.translate import Resources, translate
@@ -142,3 +154,233 @@ def test_a_broken_config_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(bootstrap))
     result = validate(path)
     assert result.returncode != 0 and "missing" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Real traffic: invoices calls users through both sidecars, certificates from each agent's SDS.
+
+CA = ThrowawayCA()
+INVOICES_ID = "spiffe://cluster.local/ns/shop/sa/invoices"
+USERS_ID = "spiffe://cluster.local/ns/shop/sa/users"
+FORGED = "URI=spiffe://cluster.local/ns/shop/sa/admin"
+
+
+class _EchoClientCert(BaseHTTPRequestHandler):
+    """The users app: answers with the x-forwarded-client-cert header it received."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = self.headers.get("x-forwarded-client-cert", "").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def users_app() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoClientCert)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Ports:
+    users_app: int
+    users_inbound: int = field(default_factory=free_port)
+    invoices_inbound: int = field(default_factory=free_port)
+    invoices_to_users: int = field(default_factory=free_port)
+
+
+def two_proxies(ports: Ports, mode: str, revoked: tuple[str, ...] = ()) -> MeshSnapshot:
+    documents = load_documents(
+        f"""
+apiVersion: verity.dev/v1alpha1
+kind: Dataplane
+metadata: {{name: users-1, namespace: shop}}
+spec:
+  service: users
+  serviceAccount: users
+  address: 127.0.0.1
+  inbound: [{{port: {ports.users_inbound}, appPort: {ports.users_app}, protocol: http}}]
+---
+apiVersion: verity.dev/v1alpha1
+kind: Dataplane
+metadata: {{name: invoices-1, namespace: shop}}
+spec:
+  service: invoices
+  serviceAccount: invoices
+  address: 127.0.0.1
+  inbound: [{{port: {ports.invoices_inbound}, appPort: 1, protocol: http}}]
+  outbound:
+  - {{service: users, port: {ports.users_inbound}, localPort: {ports.invoices_to_users}}}
+"""
+    )
+    mesh = MeshSpec.model_validate({"mtls": {"mode": mode}})
+    return MeshSnapshot(
+        mesh_name="default",
+        mesh=mesh,
+        dataplanes=tuple(d for d in documents if isinstance(d, Dataplane)),
+        revoked=frozenset(revoked),
+        ready=frozenset({"shop/users-1", "shop/invoices-1"}),
+    )
+
+
+@dataclass
+class Sidecar:
+    """One proxy: Envoy with `key`'s translated config, and its agent's SDS server, which
+    serves an SVID for `identity`."""
+
+    key: str
+    identity: str
+    sds: SdsServer
+    envoy: EnvoyProcess
+    uses_secrets: bool
+
+    @classmethod
+    def prepare(cls, tmp: Path, mesh: MeshSnapshot, key: str, identity: str) -> Sidecar:
+        directory = tmp / key.replace("/", "-")
+        directory.mkdir()
+        sds = SdsServer(directory / "sds" / "sds.sock")
+        resources = translate(mesh, key)
+        admin_port = free_port()
+        bootstrap = static_bootstrap(key, resources, sds.socket_path)
+        bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin_port
+        path = directory / "envoy.json"
+        path.write_text(json.dumps(bootstrap))
+        options = EnvoyOptions(
+            bootstrap=path,
+            admin_port=admin_port,
+            drain_time_s=1,
+            stop_timeout_s=5,
+            required_listeners=tuple(resources[typeurls.LISTENER]),
+        )
+        uses_secrets = CERT_SECRET in json.dumps(bootstrap["static_resources"]["listeners"])
+        return cls(key, identity, sds, EnvoyProcess(options), uses_secrets)
+
+    async def serve_secrets(self) -> None:
+        await self.sds.start()
+        versions = self.sds.update(
+            certificate=CA.issue(self.identity).secret(),
+            trust_bundle=SpiffeTrustBundle({"cluster.local": CA.pem}),
+        )
+        await self.envoy.wait_ready(timeout=15)
+        for name, version in versions.items() if self.uses_secrets else ():
+            await self.sds.wait_acked(name, version, timeout=10)
+
+    async def stop(self) -> None:
+        await self.envoy.stop()
+        await self.sds.stop()
+
+
+@contextlib.asynccontextmanager
+async def marketplace_pair(
+    tmp: Path, mesh: MeshSnapshot, users_identity: str = USERS_ID
+) -> AsyncIterator[dict[str, Sidecar]]:
+    sidecars = [
+        Sidecar.prepare(tmp, mesh, "shop/users-1", users_identity),
+        Sidecar.prepare(tmp, mesh, "shop/invoices-1", INVOICES_ID),
+    ]
+    try:
+        # Envoys are forked before any gRPC server runs in this process: a fork while gRPC
+        # threads are busy can abort the child in gRPC's fork handlers. Envoy retries SDS.
+        for sidecar in sidecars:
+            await sidecar.envoy.start()
+        for sidecar in sidecars:
+            await sidecar.serve_secrets()
+        yield {sidecar.key: sidecar for sidecar in sidecars}
+    finally:
+        for sidecar in sidecars:
+            await sidecar.stop()
+
+
+ANY_HASH = "<sha256>"
+
+
+def xfcc(header: str) -> dict[str, str]:
+    """One x-forwarded-client-cert element as a dict (the Hash value replaced by ANY_HASH)."""
+    fields = dict(part.split("=", 1) for part in header.split(";"))
+    if len(fields.get("Hash", "")) == 64:
+        fields["Hash"] = ANY_HASH
+    return fields
+
+
+async def get(port: int, headers: dict[str, str] | None = None) -> httpx.Response:
+    """GET / on loopback `port`, retried briefly while listeners finish warming."""
+    async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+        for _ in range(40):
+            try:
+                response = await client.get(f"http://127.0.0.1:{port}/", headers=headers)
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+                continue
+            if response.status_code != 503:
+                return response
+            await asyncio.sleep(0.05)
+        return response
+
+
+async def test_strict_call_carries_the_callers_identity_only(
+    tmp_path: Path, users_app: int
+) -> None:
+    ports = Ports(users_app)
+    async with marketplace_pair(tmp_path, two_proxies(ports, "STRICT")):
+        reply = await get(ports.invoices_to_users, {"x-forwarded-client-cert": FORGED})
+        assert reply.status_code == 200
+        # Only Envoy's view of the peer reaches the app, the app's forged header is gone.
+        # Envoy always adds By (the server's own URI) and Hash (of the peer certificate).
+        assert xfcc(reply.text) == {"By": USERS_ID, "Hash": ANY_HASH, "URI": INVOICES_ID}
+        with pytest.raises(httpx.TransportError):
+            async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+                await client.get(f"http://127.0.0.1:{ports.users_inbound}/")
+
+
+async def test_permissive_also_takes_plaintext(tmp_path: Path, users_app: int) -> None:
+    ports = Ports(users_app)
+    async with marketplace_pair(tmp_path, two_proxies(ports, "PERMISSIVE")):
+        assert xfcc((await get(ports.invoices_to_users)).text)["URI"] == INVOICES_ID
+        plain = await get(ports.users_inbound, {"x-forwarded-client-cert": FORGED})
+        assert plain.status_code == 200 and plain.text == ""
+
+
+async def test_disable_is_plaintext_end_to_end(tmp_path: Path, users_app: int) -> None:
+    ports = Ports(users_app)
+    async with marketplace_pair(tmp_path, two_proxies(ports, "DISABLE")):
+        reply = await get(ports.invoices_to_users)
+        assert reply.status_code == 200 and reply.text == ""
+
+
+async def test_revoked_caller_gets_403(tmp_path: Path, users_app: int) -> None:
+    ports = Ports(users_app)
+    mesh = two_proxies(ports, "STRICT", (INVOICES_ID,))
+    async with marketplace_pair(tmp_path, mesh) as sidecars:
+        reply = await get(ports.invoices_to_users)
+        assert reply.status_code == 403
+        stats = await sidecars["shop/users-1"].envoy.admin_get("/stats?filter=rbac")
+        prefix = f"http.inbound_{ports.users_inbound}.rbac.revoked."
+        assert f"{prefix}denied: 1" in stats.text
+        assert f"{prefix}policy.verity-deny-revoked.denied: 1" in stats.text
+
+
+async def test_server_with_the_wrong_identity_is_refused(tmp_path: Path, users_app: int) -> None:
+    ports = Ports(users_app)
+    impostor = "spiffe://cluster.local/ns/shop/sa/impostor"
+    async with marketplace_pair(tmp_path, two_proxies(ports, "STRICT"), users_identity=impostor):
+        reply = await get(ports.invoices_to_users)
+        assert reply.status_code == 503

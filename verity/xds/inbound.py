@@ -142,8 +142,10 @@ def _mesh_principals(trust_domains: Iterable[str]) -> list[Message]:
 
 
 def _http_rbac(prefix: str, rules: Message) -> Message:
-    # The enforced result and the deciding policy land in the filter's dynamic metadata
-    # (and in the response code details), which is how a deny log line names its policy.
+    # Envoy records the enforced decision in the filter's dynamic metadata under this prefix
+    # ("revoked.enforced_effective_policy_id": "verity-deny-revoked") and in the response
+    # code details, so a deny log line can name its policy without shadow rules (which
+    # would evaluate every policy twice). Per-rule stats count each policy's decisions.
     config = http_rbac_pb2.RBAC(rules=rules, rules_stat_prefix=prefix, track_per_rule_stats=True)
     return http_filter("envoy.filters.http.rbac", config)
 
