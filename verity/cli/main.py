@@ -18,7 +18,7 @@ from verity import __version__
 from verity.cli import render
 from verity.cli.client import ApiClient, CliError, resolve_target
 from verity.cli.durations import parse_duration
-from verity.resources import InvalidResource, load_documents
+from verity.resources import InvalidResource, kind_alias, load_documents
 
 app = typer.Typer(
     name="verity",
@@ -39,6 +39,8 @@ identity_app = typer.Typer(help="Revoke workload identities.", no_args_is_help=T
 ca_app = typer.Typer(help="Show and rotate a mesh's certificate authority.", no_args_is_help=True)
 app.add_typer(identity_app, name="identity")
 app.add_typer(ca_app, name="ca")
+inspect_app = typer.Typer(help="What the control plane knows about a proxy.", no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
 app.add_typer(token_app, name="token")
 token_app.add_typer(token_create_app, name="create")
 app.add_typer(audit_app, name="audit")
@@ -192,7 +194,24 @@ def get(
                 },
             )
             items = reply["items"]
+        status = None
+        if output is Output.table and _store_kind(kind) == "Dataplane":
+            status = client.request(
+                "GET",
+                "/api/v1/dataplane-status",
+                params={"namespace": None if all_namespaces else (namespace or "default")},
+            )
+    if status is not None:
+        render.print_table(render.dataplane_table(items, status, show_namespace=all_namespaces))
+        return
     _print_objects(items, output, show_namespace=all_namespaces)
+
+
+def _store_kind(kind: str) -> str:
+    try:
+        return kind_alias(kind)
+    except ValueError:
+        return kind
 
 
 def _print_objects(items: list[dict[str, Any]], output: Output, show_namespace: bool) -> None:
@@ -358,6 +377,38 @@ def _advance(client: ApiClient, mesh: str, timeout_s: int) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise CliError(f"stage {current['stage']} did not reach every proxy in time: {gate}")
         time.sleep(0.5)
+
+
+@inspect_app.command("dataplane")
+def inspect_dataplane(
+    name: str,
+    namespace: Annotated[str, typer.Option("-n", "--namespace")] = "default",
+    config_dump: Annotated[
+        bool, typer.Option("--config-dump", help="Also print Envoy's own view (local admin).")
+    ] = False,
+    admin_port: Annotated[int, typer.Option("--admin-port")] = 9901,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """Connection, xDS versions (ACK/NACK), certificate, and each port's mTLS mode and why."""
+    with _client() as client:
+        view = client.request("GET", f"/api/v1/inspect/dataplanes/{namespace}/{name}")
+    if output is Output.table:
+        for line in render.inspect_lines(view):
+            typer.echo(line)
+    else:
+        _print_objects([view], output, show_namespace=False)
+    if config_dump:
+        typer.echo(_envoy_config_dump(admin_port))
+
+
+def _envoy_config_dump(admin_port: int) -> str:
+    import httpx
+
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{admin_port}/config_dump", timeout=10)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach Envoy's admin on 127.0.0.1:{admin_port}: {exc}") from exc
+    return reply.text
 
 
 @token_app.command("list")

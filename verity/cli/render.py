@@ -159,3 +159,53 @@ def progress_line(view: dict[str, Any], reached_stage: bool = False) -> str:
     return f"stage {view['stage']}: {progress['reached']}/{progress['total']} proxies applied" + (
         f"; waiting for {waiting}" if waiting else ""
     )
+
+
+def dataplane_table(
+    items: list[dict[str, Any]], status: dict[str, str], show_namespace: bool
+) -> Table:
+    table = Table(box=None, header_style="bold")
+    columns = ["NAME", "MESH", "SERVICE", "SERVICE ACCOUNT", "ADDRESS", "STATUS", "AGE"]
+    for column in (["NAMESPACE"] if show_namespace else []) + columns:
+        table.add_column(column)
+    for doc in items:
+        meta, spec = doc["metadata"], doc["spec"]
+        key = f"{meta.get('namespace', 'default')}/{meta['name']}"
+        row = [
+            meta["name"],
+            spec.get("mesh", "default"),
+            spec["service"],
+            spec.get("serviceAccount", "default"),
+            spec["address"],
+            status.get(key, "offline"),
+            age(meta.get("creationTimestamp")),
+        ]
+        table.add_row(*([meta.get("namespace", "default")] if show_namespace else []), *row)
+    return table
+
+
+def inspect_lines(view: dict[str, Any]) -> list[str]:
+    xds = view["xds"]
+    lines = [
+        f"dataplane {view['dataplane']} (service {view['service']}, mesh {view['mesh']})",
+        f"identity: {view['spiffeId']}" + ("  [REVOKED]" if view["revoked"] else ""),
+        "connected: " + (f"yes, since {xds.get('connectedSince')}" if xds["connected"] else "no"),
+    ]
+    cert = view.get("certificate")
+    if cert:
+        lines.append(f"certificate: serial {cert['serial']}, expires {cert['notAfter']}")
+    else:
+        lines.append("certificate: no report from the agent")
+    lines.append("xDS:")
+    for name, t in xds["types"].items():
+        line = f"  {name}: sent {t['sent']}, acked {t['acked']}"
+        if t["nack"]:
+            line += f", NACKED {t['nack']['version']}: {t['nack']['error']}"
+        lines.append(line)
+    lines.append("inbound mTLS:")
+    for port in view["inbound"]:
+        lines.append(
+            f"  port {port['port']} (app {port['appPort']}): {port['mode']}, "
+            f"because of {port['because']}"
+        )
+    return lines

@@ -24,10 +24,12 @@ from verity.controlplane import auth
 from verity.controlplane.agents import AgentRegistry
 from verity.controlplane.api_common import ApiError, Caller
 from verity.controlplane.api_identity import router as identity_router
+from verity.controlplane.api_inspect import router as inspect_router
 from verity.controlplane.bodylimit import BodyLimitMiddleware, BodyTooLarge
 from verity.controlplane.meshca import MeshCAs, MeshView, new_ca
 from verity.controlplane.metrics import ApiMetrics
 from verity.controlplane.secrets_guard import inline_private_keys
+from verity.controlplane.xdscontrol import XdsController
 from verity.pki import PkiError
 from verity.resources import (
     InvalidResource,
@@ -192,12 +194,15 @@ def create_app(
     ready: Callable[[], bool] = lambda: True,
     cas: MeshCAs | None = None,
     agents: AgentRegistry | None = None,
+    xds: XdsController | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Verity control plane", version=__version__)
     app.state.store = store
     app.state.cas = cas
     app.state.agents = agents
+    app.state.xds = xds
     app.include_router(identity_router)
+    app.include_router(inspect_router)
     metrics = ApiMetrics()
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit)

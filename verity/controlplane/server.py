@@ -26,6 +26,7 @@ from verity.controlplane.ca_service import CertificateService, add_to_server
 from verity.controlplane.clientconfig import write_client_config
 from verity.controlplane.meshca import MeshCAs
 from verity.controlplane.servingtls import CA_CERT, ensure_serving_credentials
+from verity.controlplane.xdscontrol import XdsController
 from verity.pki import load_kek
 from verity.resources import load_documents
 from verity.store import open_store
@@ -38,7 +39,7 @@ from verity.store.base import (
     WriteAction,
     WriteOp,
 )
-from verity.xds.ads import SERVER_OPTIONS
+from verity.xds.ads import SERVER_OPTIONS, serve_ads
 
 log = logging.getLogger("verity.controlplane")
 
@@ -157,14 +158,17 @@ async def run(config: ControlPlaneConfig) -> None:
     except StorageUnavailable as exc:
         raise SystemExit(f"error: {exc}") from exc
     grpc_server: grpc.aio.Server | None = None
+    xds: XdsController | None = None
     try:
         token_file = await ensure_admin_token(store, config.data_dir)
         await ensure_default_mesh(store)
         kek = load_kek(os.environ, config.data_dir / "kek", generate_if_missing=True)
         cas = MeshCAs(store, kek)
         agents = AgentRegistry()
-        grpc_server = await start_grpc(config, CertificateService(store, cas, agents))
-        app = create_app(store, cas=cas, agents=agents)
+        xds = XdsController(store)
+        await xds.start()
+        grpc_server = await start_grpc(config, CertificateService(store, cas, agents), xds)
+        app = create_app(store, cas=cas, agents=agents, xds=xds)
         server = _ApiServer(
             uvicorn.Config(
                 app,
@@ -193,15 +197,20 @@ async def run(config: ControlPlaneConfig) -> None:
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=2)
+        if xds is not None:
+            await xds.stop()
         await store.close()
         log.info("control plane stopped")
 
 
-async def start_grpc(config: ControlPlaneConfig, ca: CertificateService) -> grpc.aio.Server:
+async def start_grpc(
+    config: ControlPlaneConfig, ca: CertificateService, xds: XdsController
+) -> grpc.aio.Server:
     """The gRPC port (CA service and ADS) over TLS with the control plane's serving cert."""
     creds = ensure_serving_credentials(config.data_dir, list(config.server_names))
     server = grpc.aio.server(options=list(SERVER_OPTIONS))
     add_to_server(server, ca)
+    serve_ads(server, xds.ads)
     address = f"{config.grpc_host}:{config.grpc_port}"
     bound = server.add_secure_port(
         address, grpc.ssl_server_credentials([(creds.key_pem, creds.cert_pem)])
