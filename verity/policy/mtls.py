@@ -42,7 +42,7 @@ PolicyKey = tuple[str, str]
 """(namespace, name) of a PeerAuthentication."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ModeSource:
     """Why a mode applies: the level that decided it and the policy there (none for the
     mesh default)."""

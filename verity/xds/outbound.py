@@ -217,9 +217,9 @@ def transparent_listeners(
 
     The outbound redirect listener hands an intercepted connection to the listener of its
     original destination, so a connection to any instance of a service is carried by that
-    service's cluster (and its mTLS). Addresses in `taken` (the proxy's own inbound
-    listeners) and addresses already claimed by an earlier destination are skipped: Envoy
-    refuses two listeners on one address.
+    service's cluster (and its mTLS). Addresses in `taken` (the proxy's own listeners) and
+    addresses already claimed by an earlier destination are skipped: Envoy refuses two
+    listeners on one address.
     """
     seen = set(taken)
     listeners = []
@@ -254,6 +254,9 @@ def _listener(name: str, address: Message, destination: Destination, *, bind: bo
 def _terminal_filter(destination: Destination) -> Message:
     if not destination.is_http:
         return tcp_proxy(destination.stat_prefix, destination.cluster_name)
+    # The defaults are right for the app side: the downstream is the local app, so its
+    # address means nothing (use_remote_address off), and an x-forwarded-client-cert the
+    # app sends is removed (SANITIZE); the server side sets the real one.
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=destination.stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,

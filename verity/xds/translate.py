@@ -44,6 +44,7 @@ from verity.resources import Dataplane
 from verity.xds import typeurls
 from verity.xds.inbound import inbound_clusters, inbound_listeners, inbound_routes
 from verity.xds.outbound import (
+    LOCAL_HOST,
     destinations,
     outbound_clusters,
     outbound_endpoints,
@@ -75,9 +76,8 @@ def translate(snapshot: MeshSnapshot, dataplane_key: str) -> Resources:
     ]
     clusters = [*inbound_clusters(dataplane), *outbound_clusters(wanted, snapshot.mesh.tls)]
     if transparent:
-        taken = _inbound_addresses(dataplane)
         listeners += [
-            *transparent_listeners(wanted, taken),
+            *transparent_listeners(wanted, _own_addresses(dataplane)),
             *_virtual_listeners(snapshot, dataplane),
         ]
         clusters += _catch_all_clusters(snapshot)
@@ -101,9 +101,12 @@ def _by_name(messages: Iterable[Message]) -> dict[str, Message]:
     return dict(sorted(named.items()))
 
 
-def _inbound_addresses(dataplane: Dataplane) -> list[tuple[str, int]]:
+def _own_addresses(dataplane: Dataplane) -> list[tuple[str, int]]:
+    """Addresses this proxy's own listeners use: no per-destination listener may take them."""
     address = dataplane.spec.address
-    return [(address, inbound.port) for inbound in dataplane.spec.inbound if is_ip(address)]
+    inbound = [(address, i.port) for i in dataplane.spec.inbound if is_ip(address)]
+    local = [(LOCAL_HOST, o.local_port) for o in dataplane.spec.outbound if o.local_port]
+    return inbound + local
 
 
 # --- transparent proxy ---------------------------------------------------------------------

@@ -524,3 +524,19 @@ def with_reports_text_calling_itself() -> str:
         "spec: {service: reports, address: 10.0.0.30, transparentProxy: {enabled: true},"
         " inbound: [{port: 8080, protocol: http}], outbound: [{service: reports, port: 8080}]}\n"
     )
+
+
+def test_local_port_is_not_an_outbound_listener_address() -> None:
+    # An instance at 127.0.0.1:9000 while the caller's own localPort is 9000: one listener.
+    text = (
+        "apiVersion: verity.dev/v1alpha1\nkind: Dataplane\n"
+        "metadata: {name: local-1, namespace: shop}\n"
+        "spec: {service: local, address: 127.0.0.1, inbound: [{port: 9000, appPort: 9100}]}\n"
+        "---\n"
+        "apiVersion: verity.dev/v1alpha1\nkind: Dataplane\n"
+        "metadata: {name: caller-1, namespace: shop}\n"
+        "spec: {service: caller, address: 10.0.0.40, transparentProxy: {enabled: true},"
+        " outbound: [{service: local, port: 9000, localPort: 9000}]}\n"
+    )
+    lds = out(snapshot(extra=text), "shop/caller-1")["lds"]
+    assert "outbound:9000" in lds and "outbound:127.0.0.1:9000" not in lds

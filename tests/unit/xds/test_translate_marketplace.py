@@ -143,10 +143,10 @@ def snapshot(
     )
 
 
-def with_reports(mode: str = "STRICT", **kwargs: object) -> MeshSnapshot:
+def with_reports(mode: str = "STRICT", *, revoked: Iterable[str] = (REVOKED,)) -> MeshSnapshot:
     """The marketplace plus a second users instance (not ready) and reports."""
     ready = {*MARKETPLACE_KEYS, "shop/reports-1"}
-    return snapshot(mode, extra=REPORTS, egress="ALLOW", ready=ready, **kwargs)  # type: ignore[arg-type]
+    return snapshot(mode, extra=REPORTS, egress="ALLOW", ready=ready, revoked=revoked)
 
 
 def as_json(resources: Resources) -> str:
