@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -113,6 +114,17 @@ def die_with_parent() -> Callable[[], None]:
             os._exit(127)  # the parent died before the death signal was armed
 
     return preexec
+
+
+def death_signal_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL --` when available: it arms the death signal after the fork.
+
+    A Python preexec_fn runs between fork and exec, which is unsafe in a process with threads
+    (the agent runs gRPC's): gRPC's fork handlers then break the parent's event engine. With
+    the prefix, subprocess can spawn without a preexec_fn. setpriv is part of util-linux.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 class LineScrubber:
@@ -271,13 +283,14 @@ class EnvoyProcess:
     # -- internals ------------------------------------------------------------------------------
 
     async def _spawn(self) -> None:
-        command = envoy_command(self.options)
+        prefix = death_signal_prefix()
+        command = prefix + envoy_command(self.options)
         self._process = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=die_with_parent(),
+            preexec_fn=None if prefix else die_with_parent(),
             start_new_session=True,  # a Ctrl-C to the agent's group is the agent's to handle
             limit=1 << 20,
         )
