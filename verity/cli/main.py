@@ -17,6 +17,7 @@ import yaml
 from verity import __version__
 from verity.cli import render
 from verity.cli.client import ApiClient, CliError, resolve_target
+from verity.cli.dataplane import dataplane_app
 from verity.cli.durations import parse_duration
 from verity.resources import InvalidResource, kind_alias, load_documents
 
@@ -41,6 +42,7 @@ app.add_typer(identity_app, name="identity")
 app.add_typer(ca_app, name="ca")
 inspect_app = typer.Typer(help="What the control plane knows about a proxy.", no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect")
+app.add_typer(dataplane_app, name="dataplane")
 app.add_typer(token_app, name="token")
 token_app.add_typer(token_create_app, name="create")
 app.add_typer(audit_app, name="audit")
