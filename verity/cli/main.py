@@ -98,7 +98,8 @@ def main() -> None:
     try:
         app()
     except CliError as exc:
-        _fail(str(exc))
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 @app.command()

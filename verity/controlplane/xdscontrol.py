@@ -26,12 +26,23 @@ from verity.xds.translate import translate
 log = logging.getLogger("verity.xds")
 
 DEBOUNCE_SECONDS = 0.05
+# After a control-plane (re)start, proxies reconnect one by one. Until they have had time to,
+# every registered Dataplane counts as an endpoint, so the first proxy back does not lose the
+# endpoints of the ones still reconnecting (traffic must not notice a control-plane restart).
+STARTUP_GRACE_SECONDS = 10.0
 ALL = "*"
 
 
 class XdsController:
-    def __init__(self, store: Store, debounce: float = DEBOUNCE_SECONDS) -> None:
+    def __init__(
+        self,
+        store: Store,
+        debounce: float = DEBOUNCE_SECONDS,
+        startup_grace: float = STARTUP_GRACE_SECONDS,
+    ) -> None:
         self.store = store
+        self._startup_grace = startup_grace
+        self._in_grace = startup_grace > 0
         self.index = MeshIndex()
         self.cache = SnapshotCache()
         self.status = StatusBoard()
@@ -54,7 +65,13 @@ class XdsController:
         self._tasks = [
             asyncio.create_task(self._follow(revision), name="xds-watch"),
             asyncio.create_task(self._push_loop(), name="xds-push"),
+            asyncio.create_task(self._end_grace(), name="xds-grace"),
         ]
+
+    async def _end_grace(self) -> None:
+        await asyncio.sleep(self._startup_grace)
+        self._in_grace = False
+        self._mark({ALL})  # proxies that never came back stop being endpoints
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -83,9 +100,14 @@ class XdsController:
     def _connected(self) -> frozenset[str]:
         return self.ads.connected_nodes()
 
+    def _ready(self) -> frozenset[str]:
+        if self._in_grace:
+            return frozenset(f"{d.namespace}/{d.name}" for d in self.index.of_kind("Dataplane"))
+        return self._connected()
+
     def _recompute_mesh(self, mesh: str) -> None:
         connected = self._connected()
-        snapshot = self.index.snapshot(mesh, connected)
+        snapshot = self.index.snapshot(mesh, self._ready())
         if snapshot is None:
             return
         for key in sorted(connected):
@@ -131,7 +153,7 @@ class XdsController:
         dataplane = self.index.dataplane(node_id)
         if dataplane is None:
             return
-        snapshot = self.index.snapshot(dataplane.spec.mesh, self._connected() | {node_id})
+        snapshot = self.index.snapshot(dataplane.spec.mesh, self._ready() | {node_id})
         if snapshot is not None:
             self._set(snapshot, node_id)
         self._mark({dataplane.spec.mesh})  # the others gain an endpoint
@@ -148,4 +170,4 @@ class XdsController:
         dataplane = self.index.dataplane(node_id)
         if dataplane is None:
             return None
-        return self.index.snapshot(dataplane.spec.mesh, self._connected())
+        return self.index.snapshot(dataplane.spec.mesh, self._ready())
