@@ -109,17 +109,18 @@ class InvalidIssuance(ControlPlaneError):
 
 @dataclass(frozen=True)
 class RenewalPolicy:
-    """Renew when `remaining_fraction` of the lifetime is left, up to `jitter_fraction` of the
-    lifetime earlier (so a fleet started together does not renew together)."""
+    """Renew when `remaining_fraction` of the lifetime is left, or earlier by up to
+    `jitter_fraction` of the time until then (so a fleet started together does not renew
+    together). The defaults renew a 24 h certificate between 13.6 h and 16 h."""
 
     remaining_fraction: float = 1 / 3
-    jitter_fraction: float = 0.1
+    jitter_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         if not 0 < self.remaining_fraction < 1:
-            raise ValueError("renewal: remaining_fraction must be between 0 and 1")
-        if not 0 <= self.jitter_fraction < 1 - self.remaining_fraction:
-            raise ValueError("renewal: jitter_fraction must be below 1 - remaining_fraction")
+            raise ValueError("renewal: the remaining fraction must be between 0 and 1")
+        if not 0 <= self.jitter_fraction < 1:
+            raise ValueError("renewal: the jitter fraction must be at least 0 and below 1")
 
 
 def renewal_time(
@@ -138,8 +139,8 @@ def renewal_time(
     """
     start = min(max(not_before, received_at), not_after)
     lifetime = not_after - start
-    share = 1 - policy.remaining_fraction - policy.jitter_fraction * min(max(jitter, 0.0), 1.0)
-    return start + lifetime * share
+    earlier = policy.jitter_fraction * min(max(jitter, 0.0), 1.0)
+    return start + lifetime * (1 - policy.remaining_fraction) * (1 - earlier)
 
 
 def renewal_delay(

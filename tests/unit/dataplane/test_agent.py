@@ -67,7 +67,7 @@ def signed(
 
 
 def test_renews_when_a_third_of_the_lifetime_remains() -> None:
-    policy = RenewalPolicy(remaining_fraction=1 / 3, jitter_fraction=0.1)
+    policy = RenewalPolicy(remaining_fraction=1 / 3, jitter_fraction=0.15)
     when = renewal_time(
         received_at=T0,
         not_before=T0,
@@ -79,7 +79,7 @@ def test_renews_when_a_third_of_the_lifetime_remains() -> None:
 
 
 def test_jitter_only_renews_earlier_and_within_its_share() -> None:
-    policy = RenewalPolicy(remaining_fraction=1 / 3, jitter_fraction=0.1)
+    policy = RenewalPolicy()  # 1/3 remaining, up to 15% of the 16 h earlier
     times = [
         renewal_time(
             received_at=T0,
@@ -93,6 +93,19 @@ def test_jitter_only_renews_earlier_and_within_its_share() -> None:
     assert times[0] == T0 + timedelta(hours=16)
     assert times[1] == T0 + timedelta(hours=16) - timedelta(hours=1.2)
     assert all(T0 + timedelta(hours=13.6) <= t <= T0 + timedelta(hours=16) for t in times)
+
+
+def test_short_renewal_fractions_keep_a_valid_jitter() -> None:
+    # Renewing when 99% is left (tests): still never before the certificate arrived.
+    policy = RenewalPolicy(remaining_fraction=0.99)
+    when = renewal_time(
+        received_at=T0,
+        not_before=T0,
+        not_after=T0 + timedelta(seconds=100),
+        policy=policy,
+        jitter=1.0,
+    )
+    assert T0 + timedelta(seconds=0.85) <= when <= T0 + timedelta(seconds=1)
 
 
 def test_backdated_not_before_does_not_eat_a_short_lifetime() -> None:
@@ -128,7 +141,7 @@ def test_renewal_delay_counts_from_now_and_never_goes_negative() -> None:
     assert renewal_delay(T0 + timedelta(hours=5), held, policy, 0.0) == 0.0
 
 
-@pytest.mark.parametrize(("remaining", "jitter"), [(0, 0), (1, 0), (0.5, 0.5), (0.9, 0.2), (-1, 0)])
+@pytest.mark.parametrize(("remaining", "jitter"), [(0, 0), (1, 0), (-1, 0), (0.5, 1), (0.5, -0.1)])
 def test_renewal_policy_refuses_nonsense(remaining: float, jitter: float) -> None:
     with pytest.raises(ValueError):
         RenewalPolicy(remaining_fraction=remaining, jitter_fraction=jitter)

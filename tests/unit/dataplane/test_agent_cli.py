@@ -86,6 +86,11 @@ def test_a_good_command_line_builds_the_config(files: dict[str, Path], tmp_path:
     assert TOKEN not in repr(config)
 
 
+def test_a_fast_renewal_fraction_is_accepted(files: dict[str, Path], tmp_path: Path) -> None:
+    config, _ = build_config(**config_args(files, tmp_path, renew_fraction=0.99))
+    assert config.renewal.remaining_fraction == 0.99
+
+
 def test_default_work_dir_is_temporary(files: dict[str, Path], tmp_path: Path) -> None:
     config, _ = build_config(**config_args(files, tmp_path, work_dir=None))
     try:
