@@ -382,6 +382,57 @@ def _advance(client: ApiClient, mesh: str, timeout_s: int) -> dict[str, Any]:
         time.sleep(0.5)
 
 
+@app.command()
+def check(
+    to: Annotated[str, typer.Option("--to", help="Destination service.")],
+    source: Annotated[
+        str | None, typer.Option("--from", help="Caller SPIFFE ID; omit for a plaintext caller.")
+    ] = None,
+    namespace: Annotated[str, typer.Option("-n", "--namespace")] = "default",
+    port: Annotated[int | None, typer.Option("--port", help="Destination inbound port.")] = None,
+    method: Annotated[str, typer.Option("--method")] = "GET",
+    path: Annotated[str, typer.Option("--path")] = "/",
+    host: Annotated[str, typer.Option("--host")] = "",
+    header: Annotated[list[str] | None, typer.Option("--header", help="k=v; repeat.")] = None,
+    source_ip: Annotated[str, typer.Option("--source-ip")] = "127.0.0.1",
+    jwt_claims: Annotated[str | None, typer.Option("--jwt-claims", help="JSON object.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Print every step.")] = False,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """Would this request be allowed? The decision, the policy and rule, and why."""
+    headers = {}
+    for item in header or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--header: expected k=v (got {item!r})")
+        headers[key] = value
+    claims = None
+    if jwt_claims is not None:
+        try:
+            claims = json.loads(jwt_claims)
+        except ValueError as exc:
+            raise CliError(f"--jwt-claims: not JSON: {exc}") from exc
+    body = {
+        "from": source,
+        "to": to,
+        "namespace": namespace,
+        "port": port,
+        "method": method,
+        "path": path,
+        "host": host,
+        "headers": headers,
+        "sourceIp": source_ip,
+        "jwtClaims": claims,
+    }
+    with _client() as client:
+        view = client.request("POST", "/api/v1/check", json=body)
+    if output is not Output.table:
+        _print_objects([view], output, show_namespace=False)
+        return
+    for line in render.check_lines(view, explain):
+        typer.echo(line)
+
+
 @inspect_app.command("dataplane")
 def inspect_dataplane(
     name: str,

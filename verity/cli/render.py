@@ -209,3 +209,28 @@ def inspect_lines(view: dict[str, Any]) -> list[str]:
             f"because of {port['because']}"
         )
     return lines
+
+
+def check_lines(view: dict[str, Any], explain: bool) -> list[str]:
+    lines = [
+        f"{view['verdict']} ({view['status']}) for {view['workload']}",
+        f"decided by: {view['decidedBy']}",
+    ]
+    if view.get("envoyPolicyId"):
+        lines.append(f"the sidecar's deny log names it: {view['envoyPolicyId']}")
+    for policy in view["policies"]:
+        if policy["matchedRule"] is not None:
+            continue
+        reasons = "; ".join(f"rules[{r['index']}]: {r['reason']}" for r in policy["rules"])
+        lines.append(
+            f"  {policy['policy']} ({policy['action']}) did not match: "
+            f"{reasons or 'it has no rules'}"
+        )
+    if view.get("audited"):
+        lines.append("audited by: " + ", ".join(view["audited"]))
+    if view.get("dryRunVerdict"):
+        lines.append(f"dry-run policies would have decided: {view['dryRunVerdict']}")
+    if explain:
+        lines.append("evaluation:")
+        lines.extend(f"  {i + 1}. {step}" for i, step in enumerate(view["steps"]))
+    return lines

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from verity import __version__
 from verity.controlplane import auth
 from verity.controlplane.agents import AgentRegistry
+from verity.controlplane.api_check import router as check_router
 from verity.controlplane.api_common import ApiError, Caller
 from verity.controlplane.api_identity import router as identity_router
 from verity.controlplane.api_inspect import router as inspect_router
@@ -203,6 +204,7 @@ def create_app(
     app.state.xds = xds
     app.include_router(identity_router)
     app.include_router(inspect_router)
+    app.include_router(check_router)
     metrics = ApiMetrics()
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit)

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from verity.dataplane.envoybinary import envoy_binary
 from verity.dataplane.keys import scrub_key_material
 
 log = logging.getLogger("verity.envoy")
+access_log = logging.getLogger("verity.access")
 
 PR_SET_PDEATHSIG = 1
 LOG_FORMAT = "%l\t%n\t%v"  # level, component, message: parsed back into structured fields
@@ -125,6 +127,26 @@ def death_signal_prefix() -> list[str]:
     """
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def access_record(line: str) -> dict[str, Any] | None:
+    """An access-log entry Envoy wrote as one JSON object with an "access" key, else None.
+
+    The inbound listeners log denials this way; the agent re-emits them as structured records
+    of the `verity.access` logger, so a deny line names the policy, the caller and the request.
+    """
+    if not line.startswith('{"access"'):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {("access_" + k if k in _RESERVED_LOG_KEYS else k): v for k, v in record.items()}
+
+
+_RESERVED_LOG_KEYS = frozenset({"msg", "message", "args", "name", "level", "module"})
 
 
 class LineScrubber:
@@ -375,7 +397,12 @@ class EnvoyProcess:
                 continue
             if not raw:
                 return
-            parsed = scrubber.feed(raw.decode("utf-8", "replace"))
+            text = raw.decode("utf-8", "replace")
+            record = access_record(text)
+            if record is not None:
+                access_log.info(record.pop("event", "access"), extra=record)
+                continue
+            parsed = scrubber.feed(text)
             if parsed is None:
                 continue
             level, component, message = parsed
