@@ -22,6 +22,9 @@ Transparent proxy (`spec.transparentProxy.enabled`), kept simple:
   so every instance address is a listener). Anything else goes to `passthrough` (an
   ORIGINAL_DST cluster: straight to where the app was going) if `Mesh.spec.egress
   .defaultAction` is ALLOW, else to `blackhole` (no endpoints: the connection is closed).
+  A connection whose destination is the redirect port itself was not redirected (someone
+  dialled 15001, or virtual-inbound handed over a connection to <address>:15001): it goes to
+  `blackhole` whatever the egress policy, else passthrough would dial 15001 again, forever.
 - `virtual-inbound` listens on `redirectPortInbound` (15006 by default) and hands each
   connection to its `inbound:<port>` listener, which then does not bind itself (the app
   may listen on the same port). Ports the Dataplane did not declare go to `blackhole`:
@@ -117,7 +120,11 @@ def _virtual_listeners(snapshot: MeshSnapshot, dataplane: Dataplane) -> list[Mes
     egress = PASSTHROUGH if snapshot.mesh.egress.default_action == "ALLOW" else BLACKHOLE
     return [
         _redirect_listener(
-            VIRTUAL_OUTBOUND, proxy.redirect_port_outbound, egress, base_pb2.OUTBOUND
+            VIRTUAL_OUTBOUND,
+            proxy.redirect_port_outbound,
+            egress,
+            base_pb2.OUTBOUND,
+            refuse_own_port=True,
         ),
         _redirect_listener(
             VIRTUAL_INBOUND, proxy.redirect_port_inbound, BLACKHOLE, base_pb2.INBOUND
@@ -125,7 +132,20 @@ def _virtual_listeners(snapshot: MeshSnapshot, dataplane: Dataplane) -> list[Mes
     ]
 
 
-def _redirect_listener(name: str, port: int, fallback: str, direction: int) -> Message:
+def _redirect_listener(
+    name: str, port: int, fallback: str, direction: int, *, refuse_own_port: bool = False
+) -> Message:
+    chains = [
+        listener_components_pb2.FilterChain(
+            name=fallback, filters=[tcp_proxy(f"{name}_{fallback}", fallback)]
+        )
+    ]
+    if refuse_own_port:
+        own_port = listener_components_pb2.FilterChain(
+            name=f"{BLACKHOLE}-own-port", filters=[tcp_proxy(f"{name}_own_port", BLACKHOLE)]
+        )
+        own_port.filter_chain_match.destination_port.value = port
+        chains.append(own_port)
     listener = listener_pb2.Listener(
         name=name,
         address=socket_address(ANY_ADDRESS, port),
@@ -135,11 +155,7 @@ def _redirect_listener(name: str, port: int, fallback: str, direction: int) -> M
         listener_filters=[
             listener_filter("envoy.filters.listener.original_dst", original_dst_pb2.OriginalDst())
         ],
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                name=fallback, filters=[tcp_proxy(f"{name}_{fallback}", fallback)]
-            )
-        ],
+        filter_chains=chains,
     )
     listener.use_original_dst.value = True
     return listener
