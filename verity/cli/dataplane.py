@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -20,6 +22,7 @@ from cryptography import x509
 from verity.dataplane.agent import Agent, AgentConfig, AgentFatal, RenewalPolicy, prepare_work_dir
 from verity.dataplane.bootstrap import DEFAULT_ADMIN_PORT
 from verity.dataplane.cpclient import ControlPlaneTarget, check_token, parse_address
+from verity.dataplane.transparent import DEFAULT_PROXY_GID, InterceptionPlan, plan_for
 from verity.observe.logs import configure
 from verity.resources import Dataplane, InvalidResource, load_documents
 
@@ -120,6 +123,47 @@ def check_key_file(path: Path | None) -> Path | None:
     return path
 
 
+def resolve_ipv4(host: str, port: int) -> list[tuple[str, int]]:
+    """The IPv4 addresses `host` resolves to (an IPv4 literal resolves to itself)."""
+    infos = socket.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    return sorted({(str(info[4][0]), port) for info in infos})
+
+
+def interception_plan(
+    dataplane: Dataplane,
+    target: ControlPlaneTarget,
+    *,
+    proxy_gid: int,
+    exclude_inbound_ports: Sequence[int],
+    exclude_outbound_ports: Sequence[int],
+    resolve: Callable[[str, int], list[tuple[str, int]]] = resolve_ipv4,
+) -> InterceptionPlan:
+    """The iptables plan of --transparent. The Dataplane must enable the transparent proxy
+    itself: the control plane builds the redirect listeners from the registered Dataplane, so
+    a flag that only this agent knew of would redirect traffic to ports nobody listens on."""
+    if not dataplane.spec.transparent_proxy.enabled:
+        raise UsageError(
+            "--transparent: the Dataplane must set spec.transparentProxy.enabled: true"
+        )
+    try:
+        control_plane = resolve(target.host, target.port)
+    except OSError as exc:
+        raise UsageError(
+            f"--cp-address: cannot resolve {target.host} to an IPv4 address, needed to exempt "
+            f"the control-plane connection from interception ({_os_reason(exc)})"
+        ) from None
+    try:
+        return plan_for(
+            dataplane,
+            proxy_gid=proxy_gid,
+            control_plane=control_plane,
+            exclude_inbound_ports=exclude_inbound_ports,
+            exclude_outbound_ports=exclude_outbound_ports,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--transparent: {exc}") from None
+
+
 def _os_reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or type(exc).__name__
 
@@ -139,11 +183,26 @@ def build_config(
     drain_time: int,
     envoy_log_level: str,
     renew_fraction: float,
+    transparent: bool = False,
+    proxy_gid: int = DEFAULT_PROXY_GID,
+    exclude_inbound_ports: Sequence[int] = (),
+    exclude_outbound_ports: Sequence[int] = (),
 ) -> tuple[AgentConfig, str]:
     """Check every input and assemble the agent's configuration and token (UsageError)."""
     dataplane, text = read_dataplane(dataplane_file)
     token = read_token(token_file)
     target = control_plane_target(cp_address, read_ca(ca_cert), cp_server_name)
+    interception = (
+        interception_plan(
+            dataplane,
+            target,
+            proxy_gid=proxy_gid,
+            exclude_inbound_ports=exclude_inbound_ports,
+            exclude_outbound_ports=exclude_outbound_ports,
+        )
+        if transparent
+        else None
+    )
     check_ports(admin_port, ready_port, concurrency)
     if drain_time < 0:
         raise UsageError("--drain-time: must not be negative")
@@ -169,6 +228,7 @@ def build_config(
         renewal=renewal,
         drain_time_s=drain_time,
         envoy_log_level=envoy_log_level,
+        interception=interception,
     )
     return config, token
 
@@ -188,8 +248,14 @@ async def run_agent(config: AgentConfig, token: str) -> int:
             "admin_port": config.admin_port,
             "ready_port": config.effective_ready_port,
             "work_dir": str(config.work_dir),
+            "transparent": config.interception is not None,
         },
     )
+    if config.interception is None and config.dataplane.spec.transparent_proxy.enabled:
+        log.warning(
+            "the Dataplane enables the transparent proxy but --transparent is not given: "
+            "this agent installs no interception rules"
+        )
     try:
         await agent.run(stop)
     except AgentFatal as exc:
@@ -246,6 +312,33 @@ def run(
         float,
         typer.Option(hidden=True, help="Renew when this fraction of the lifetime remains."),
     ] = 1 / 3,
+    transparent: Annotated[
+        bool,
+        typer.Option(
+            "--transparent",
+            help="Install iptables rules in this network namespace that pass the app's TCP "
+            "through the sidecar: all inbound TCP to redirectPortInbound, all outbound TCP to "
+            "redirectPortOutbound (except loopback, the control plane and Envoy's own). "
+            "Needs root (CAP_NET_ADMIN) and spec.transparentProxy.enabled; removed at exit.",
+        ),
+    ] = False,
+    proxy_gid: Annotated[
+        int,
+        typer.Option(
+            help="With --transparent: the group Envoy runs as; its connections are not "
+            "intercepted, so no app may run with it."
+        ),
+    ] = DEFAULT_PROXY_GID,
+    exclude_inbound_port: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="With --transparent: an inbound port not redirected (e.g. 22 for SSH); repeat."
+        ),
+    ] = None,
+    exclude_outbound_port: Annotated[
+        list[int] | None,
+        typer.Option(help="With --transparent: an outbound port not redirected; repeat."),
+    ] = None,
 ) -> None:
     """Enrol this workload with the control plane and run its Envoy sidecar."""
     if log_level.lower() not in LOG_LEVELS:
@@ -271,6 +364,10 @@ def run(
             drain_time=drain_time,
             envoy_log_level=envoy_log_level.lower(),
             renew_fraction=renew_fraction,
+            transparent=transparent,
+            proxy_gid=proxy_gid,
+            exclude_inbound_ports=exclude_inbound_port or (),
+            exclude_outbound_ports=exclude_outbound_port or (),
         )
     except UsageError as exc:
         _usage(str(exc))

@@ -56,6 +56,12 @@ from verity.dataplane.sds import (
     SdsServer,
     SpiffeTrustBundle,
 )
+from verity.dataplane.transparent import (
+    Interception,
+    InterceptionError,
+    InterceptionPlan,
+    Interceptor,
+)
 from verity.resources import Dataplane
 
 log = logging.getLogger("verity.agent")
@@ -348,6 +354,7 @@ class AgentConfig:
     envoy_log_level: str = "warn"
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
+    interception: InterceptionPlan | None = None  # --transparent: the iptables rules
 
     @property
     def node_id(self) -> str:
@@ -376,6 +383,7 @@ class Agent:
         client: CaService | None = None,
         envoy_factory: Callable[[EnvoyOptions], Envoy] = EnvoyProcess,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        interceptor: Interceptor | None = None,
     ) -> None:
         self.config = config
         self._token = token
@@ -383,6 +391,8 @@ class Agent:
             client if client is not None else CaClient(config.control_plane, token)
         )
         self._envoy_factory = envoy_factory
+        plan = config.interception
+        self._interceptor = interceptor or (Interception(plan) if plan is not None else None)
         self._now = clock
         self._random = secrets.SystemRandom()
         self._sds = SdsServer(config.work_dir / SDS_SOCKET)
@@ -440,6 +450,9 @@ class Agent:
         """
         self._started_at = time.monotonic()
         async with contextlib.AsyncExitStack() as stack:
+            # First in, last out: the app is never unintercepted while this agent runs, and
+            # the rules go only after Envoy has drained.
+            self._intercept(stack)
             stack.push_async_callback(self._client.close)
             stack.callback(self._remove_private_files)
             stack.push_async_callback(self._readiness.stop)
@@ -460,6 +473,19 @@ class Agent:
             await stop.wait()
             self._stop.set()
             log.info("stopping: draining Envoy", extra={"drain_time_s": self.config.drain_time_s})
+
+    def _intercept(self, stack: contextlib.AsyncExitStack) -> None:
+        """Install the interception rules, or stop here (fail closed). After a failure the
+        rules are left as they are: whatever is in place (say, a killed agent's) still sends
+        the app's traffic to the sidecar's ports, where nothing answers."""
+        interceptor = self._interceptor
+        if interceptor is None:
+            return
+        try:
+            interceptor.install()
+        except InterceptionError as exc:
+            raise AgentFatal(f"transparent interception: {exc}") from None
+        stack.callback(interceptor.remove)
 
     async def _enrol(self) -> None:
         yaml_text = self.config.dataplane_yaml
@@ -499,6 +525,7 @@ class Agent:
                 concurrency=config.concurrency,
                 log_level=config.envoy_log_level,
                 drain_time_s=config.drain_time_s,
+                group=None if config.interception is None else config.interception.proxy_gid,
             )
         )
         try:

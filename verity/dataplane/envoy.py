@@ -70,6 +70,9 @@ class EnvoyOptions:
     stable_after_s: float = 10.0  # a run this long forgives earlier crashes
     stop_timeout_s: float = 10.0
     extra_args: tuple[str, ...] = ()
+    # Run Envoy with this group (uid unchanged): transparent interception exempts the
+    # group's connections, so that Envoy's own traffic is not redirected back to itself.
+    group: int | None = None
 
 
 def envoy_command(options: EnvoyOptions) -> list[str]:
@@ -314,6 +317,10 @@ class EnvoyProcess:
             stderr=asyncio.subprocess.STDOUT,
             preexec_fn=None if prefix else die_with_parent(),
             start_new_session=True,  # a Ctrl-C to the agent's group is the agent's to handle
+            # Set in the child by subprocess itself (no preexec_fn); no supplementary groups,
+            # so only the dedicated group identifies Envoy's sockets.
+            group=self.options.group,
+            extra_groups=None if self.options.group is None else [],
             limit=1 << 20,
         )
         self._generation += 1
