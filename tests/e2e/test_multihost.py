@@ -485,7 +485,7 @@ def test_sigkilled_host_rejoins_within_seconds(
     assert time.monotonic() - started < 15
     nat = users.host.nat_table()
     assert nat.count("-j VERITY_INBOUND") == 1 and nat.count("-j VERITY_OUTPUT") == 1, nat
-    assert "removing interception rules left by an earlier agent" in users.log()
+    assert "replacing interception rules left by an earlier agent" in users.log()
     assert marketplace.call("users", "invoices")[0] == 200
 
 

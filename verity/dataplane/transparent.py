@@ -21,10 +21,14 @@ keeps its uid, so it can still read the 0600 bootstrap. Only IPv4 is intercepted
 
 The rule texts are pure functions of an `InterceptionPlan` (and, for removal, of what
 `iptables-save` shows); `Interception` is the thin layer that applies them atomically with
-`iptables-restore --noflush`. It first removes chains a killed agent left behind, and it is
-fail closed: a rule set that cannot be installed (or is not there afterwards) is an error,
-never a warning. SIGKILLed agents leave their rules in place, which keeps the host closed
-(the redirect ports are dead) until the next agent replaces them.
+`iptables-restore --noflush`, replacing in the same transaction any chains a killed agent
+left behind. It is fail closed: a rule set that cannot be installed (or is not there
+afterwards) is an error, never a warning, and rules already in place are then left alone.
+A SIGKILLed agent leaves its rules too, which keeps the host closed (the redirect ports are
+dead) until the next agent replaces them.
+
+Not covered: UDP (DNS among it), IPv6, and processes that can change their group to the
+proxy's or edit the rules (root can do both: run apps as other users).
 """
 
 from __future__ import annotations
@@ -154,9 +158,16 @@ def _port_exemption(chain: str, ports: Iterable[int]) -> str:
     return f"-A {chain} -p tcp -m multiport --dports {listed} -j RETURN"
 
 
-def install_script(plan: InterceptionPlan) -> str:
-    """The iptables-restore input (for --noflush) that creates both chains and the jumps."""
+def install_script(plan: InterceptionPlan, saved: str = "") -> str:
+    """The iptables-restore input (for --noflush) that creates both chains and the jumps, and
+    in the same transaction replaces whatever VERITY_* rules `saved` (an `iptables-save -t
+    nat` output) holds: there is no moment without interception, even when a restarted agent
+    replaces the rules of a killed one."""
+    # Declaring an existing chain under --noflush flushes it.
     lines = [f"*{TABLE}", *(f":{chain} - [0:0]" for chain in CHAINS)]
+    lines += _jump_deletions(saved)
+    others = [chain for chain in our_chains(saved) if chain not in CHAINS]
+    lines += [f"-F {chain}" for chain in others] + [f"-X {chain}" for chain in others]
     lines += inbound_rules(plan) + output_rules(plan)
     lines += [f"-A {builtin} -p tcp -j {chain}" for builtin, chain in _JUMPS]
     return "\n".join([*lines, "COMMIT", ""])
@@ -177,18 +188,24 @@ def removal_script(saved: str) -> str | None:
     agent with other settings (or a killed one) left behind, duplicates included.
     """
     chains = our_chains(saved)
-    jumps = [
+    jumps = _jump_deletions(saved)
+    if not chains and not jumps:
+        return None
+    lines = [f"*{TABLE}", *jumps]
+    lines += [f"-F {chain}" for chain in chains] + [f"-X {chain}" for chain in chains]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def _jump_deletions(saved: str) -> list[str]:
+    """A `-D` for every rule of another chain that jumps to a VERITY_* chain, as many times
+    as it is there."""
+    return [
         "-D" + line[2:]
         for line in saved.splitlines()
         if line.startswith("-A ")
         and not line.split()[1].startswith(CHAIN_PREFIX)
         and _jumps_to_ours(line)
     ]
-    if not chains and not jumps:
-        return None
-    lines = [f"*{TABLE}", *jumps]
-    lines += [f"-F {chain}" for chain in chains] + [f"-X {chain}" for chain in chains]
-    return "\n".join([*lines, "COMMIT", ""])
 
 
 def _jumps_to_ours(rule: str) -> bool:
@@ -253,11 +270,10 @@ class Interception:
     def install(self) -> None:
         """Replace any VERITY_* chains with the plan's; InterceptionError if that fails."""
         self._require_tools()
-        stale = removal_script(self._saved())
-        if stale is not None:
-            log.warning("removing interception rules left by an earlier agent")
-            self._apply(stale, "remove the stale rules")
-        self._apply(install_script(self.plan), "install the rules")
+        saved = self._saved()
+        if removal_script(saved) is not None:
+            log.warning("replacing interception rules left by an earlier agent")
+        self._apply(install_script(self.plan, saved), "install the rules")
         if not installed(self._saved(), self.plan):
             raise InterceptionError("the rules are not in place after installing them")
         log.info(

@@ -186,18 +186,31 @@ def _tools_present(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("shutil.which", lambda name: f"/sbin/{name}")
 
 
+def test_stale_rules_are_replaced_in_the_same_transaction() -> None:
+    doubled = SAVED.replace(
+        ":VERITY_OUTPUT - [0:0]\n", ":VERITY_OUTPUT - [0:0]\n:VERITY_OLD - [0:0]\n"
+    ).replace("-A OUTPUT -p tcp -j VERITY_OUTPUT\n", "-A OUTPUT -p tcp -j VERITY_OUTPUT\n" * 2)
+    script = install_script(PLAN, doubled)
+    head, rules = script.split("-A VERITY_INBOUND", 1)
+    assert head == (
+        "*nat\n:VERITY_INBOUND - [0:0]\n:VERITY_OUTPUT - [0:0]\n"  # declared again: flushed
+        "-D PREROUTING -p tcp -j VERITY_INBOUND\n"
+        "-D OUTPUT -p tcp -j VERITY_OUTPUT\n-D OUTPUT -p tcp -j VERITY_OUTPUT\n"
+        "-F VERITY_OLD\n-X VERITY_OLD\n"
+    )
+    assert rules == INSTALL.split("-A VERITY_INBOUND", 1)[1]  # then exactly the plan's rules
+
+
 def test_install_replaces_stale_rules_then_checks_them() -> None:
     iptables = FakeIptables(table=SAVED)
     Interception(PLAN, runner=iptables).install()
     commands = [command for command, _ in iptables.calls]
     assert commands == [
         "iptables-save -t nat",
-        "iptables-restore --noflush",  # the stale chains out
-        "iptables-restore --noflush",  # ours in
+        "iptables-restore --noflush",  # one transaction: the stale rules out, ours in
         "iptables-save -t nat",
     ]
-    assert iptables.calls[1][1].startswith("*nat\n-D PREROUTING")
-    assert iptables.calls[2][1] == INSTALL
+    assert iptables.calls[1][1] == install_script(PLAN, SAVED)
 
 
 def test_install_failure_is_an_error_naming_the_step_and_reason() -> None:
