@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from tests.netns import (
     ADMIN_PORT,
     CP_GRPC_PORT,
+    SUBNET,
     MeshHosts,
     Network,
     Service,
@@ -188,66 +189,64 @@ def _context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContex
     return context
 
 
-def _http_over(address: str, context: ssl.SSLContext | None) -> Callable[[], str]:
-    """A GET to address:8080, in plaintext or TLS; what came back, or why nothing did."""
+def _request(address: str, port: int, context: ssl.SSLContext | None = None) -> Callable[[], str]:
+    """A GET to address:port, in plaintext or TLS: what came back, or why nothing did."""
 
     def attempt() -> str:
         try:
-            with socket.create_connection((address, MESH_PORT), timeout=5) as raw:
+            with socket.create_connection((address, port), timeout=5) as raw:
                 stream = raw if context is None else context.wrap_socket(raw)
                 with stream:
-                    stream.sendall(
-                        b"GET /items HTTP/1.1\r\nHost: items\r\nConnection: close\r\n\r\n"
-                    )
+                    stream.sendall(b"GET /items HTTP/1.1\r\nHost: items\r\n\r\n")
                     data = stream.recv(4096)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             return f"refused: {exc}"
         return f"answer: {data[:60]!r}" if data else "refused: closed without an answer"
 
     return attempt
 
 
-def _to_port(address: str, port: int) -> Callable[[], str]:
-    def attempt() -> str:
-        try:
-            with socket.create_connection((address, port), timeout=5) as sock:
-                sock.sendall(b"GET /items HTTP/1.1\r\nHost: items\r\nConnection: close\r\n\r\n")
-                data = sock.recv(4096)
-        except OSError as exc:
-            return f"refused: {exc}"
-        return f"answer: {data[:60]!r}" if data else "refused: closed without an answer"
-
-    return attempt
-
-
-def _write_pair(directory: Path, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+def _write_pem(path: Path, *items: x509.Certificate | ec.EllipticCurvePrivateKey) -> Path:
+    path.write_bytes(
+        b"".join(
+            item.public_bytes(serialization.Encoding.PEM)
+            if isinstance(item, x509.Certificate)
+            else item.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            for item in items
         )
     )
-    return cert_path, key_path
+    return path
 
 
-def _certificate(subject_key: Any, uri: str, issuer_key: Any, issuer: str) -> x509.Certificate:
+def _certificate(
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    uri: str | None,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None = None,
+) -> x509.Certificate:
+    """A leaf carrying `uri` signed by `issuer` (name, key), or a self-signed CA (uri None),
+    or a self-signed leaf (no issuer)."""
+    name = "attacker CA" if uri is None else "attacker"
+    issuer_name, issuer_key = issuer or (name, key)
     now = datetime.now(UTC)
-    return (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacker")]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(subject_key.public_key())
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
-        )
-        .sign(issuer_key, hashes.SHA256())
+        .add_extension(x509.BasicConstraints(ca=uri is None, path_length=None), critical=True)
     )
+    if uri is not None:
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 def _copied_certificate(marketplace: MeshHosts) -> x509.Certificate:
@@ -264,45 +263,42 @@ def _copied_certificate(marketplace: MeshHosts) -> x509.Certificate:
     return x509.load_der_x509_certificate(marketplace.network.hosts["attacker"].call(grab))
 
 
-def _tls_attempts(marketplace: MeshHosts, tmp: Path) -> dict[str, Callable[[], str]]:
+def _attempts(marketplace: MeshHosts, tmp: Path) -> dict[str, Callable[[], str]]:
+    """What the attacker tries against items; every certificate claims invoices' identity,
+    the one caller items accepts."""
     address = marketplace.services["items"].host.address
-    attacker_key = ec.generate_private_key(ec.SECP256R1())
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    own_ca = _write_pair(
-        tmp,
-        "own-ca",
-        _certificate(attacker_key, spiffe_id("attacker"), ca_key, "attacker CA"),
-        attacker_key,
-    )
-    forged = _write_pair(
-        tmp,
-        "forged",
-        _certificate(attacker_key, spiffe_id("invoices"), attacker_key, "attacker"),
-        attacker_key,
-    )
-    copied = _write_pair(tmp, "copied", _copied_certificate(marketplace), attacker_key)
+    key, ca_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate(ca_key, uri=None)
+    from_own_ca = _certificate(key, uri=spiffe_id("invoices"), issuer=("attacker CA", ca_key))
+    self_signed = _certificate(key, uri=spiffe_id("invoices"))
+    key_file = _write_pem(tmp / "attacker.key", key)
+    own_ca = _write_pem(tmp / "own-ca.pem", from_own_ca, ca)
+    forged = _write_pem(tmp / "self-signed.pem", self_signed)
+    copied = _write_pem(tmp / "copied.pem", _copied_certificate(marketplace))
 
     def with_copied_certificate() -> str:
         try:
-            context = _context(*copied)
+            context = _context(copied, key_file)
         except ssl.SSLError as exc:
             # Without invoices' key no TLS client can present invoices' certificate (it could
             # not sign the handshake); what remains to send is no certificate at all.
             refused = f"client cannot present it ({exc.reason})"
-            return f"{refused}; without it: {_http_over(address, _context())()}"
-        return _http_over(address, context)()
+            return f"{refused}; without it: {_request(address, MESH_PORT, _context())()}"
+        return _request(address, MESH_PORT, context)()
 
     return {
-        "plaintext to a STRICT port": _http_over(address, None),
-        "certificate from its own CA": _http_over(address, _context(*own_ca)),
-        "self-signed certificate with invoices' SPIFFE ID": _http_over(address, _context(*forged)),
+        "plaintext to a STRICT port": _request(address, MESH_PORT),
+        "certificate from its own CA": _request(address, MESH_PORT, _context(own_ca, key_file)),
+        "self-signed certificate with invoices' SPIFFE ID": _request(
+            address, MESH_PORT, _context(forged, key_file)
+        ),
         "invoices' copied certificate without its key": with_copied_certificate,
-        "straight to the app's port, around the sidecar": _to_port(address, APP_PORT),
+        "straight to the app's port, around the sidecar": _request(address, APP_PORT),
     }
 
 
 # The counter of items' Envoy that must rise for each attempt: the refusal and its reason.
-LISTENER = f"listener.10.231.0.{OCTETS['items']}_{MESH_PORT}"
+LISTENER = f"listener.{SUBNET}.{OCTETS['items']}_{MESH_PORT}"
 EVIDENCE = {
     "plaintext to a STRICT port": f"{LISTENER}.ssl.connection_error",
     "certificate from its own CA": f"{LISTENER}.ssl.fail_verify_error",
@@ -322,7 +318,7 @@ def test_attacker_gets_nothing_and_each_refusal_is_recorded(
     # The app does listen on every interface: only the interception stands in the way.
     assert items.host.status(f"http://127.0.0.1:{APP_PORT}/items") == 200
     lines = []
-    for name, attempt in _tls_attempts(marketplace, tmp_path).items():
+    for name, attempt in _attempts(marketplace, tmp_path).items():
         counter = EVIDENCE[name]
         before = items.stats(f"^{_regex(counter)}$").get(counter, 0)
         seen = attacker.call(attempt)
@@ -437,11 +433,11 @@ def test_app_cannot_reach_outside_the_mesh(marketplace: MeshHosts) -> None:
     items = marketplace.services["items"]
     listener = attacker.call(lambda: _listen(9999))
     try:
-        seen = items.host.call(_to_port(attacker.address, 9999))
+        seen = items.host.call(_request(attacker.address, 9999))
         assert seen.startswith("refused"), seen
         listener.settimeout(1)
         with pytest.raises(TimeoutError):
-            attacker.call(lambda: listener.accept())
+            listener.accept()  # nothing ever arrived
     finally:
         listener.close()
     counter = "tcp.virtual-outbound_blackhole.downstream_cx_total"
