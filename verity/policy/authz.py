@@ -176,7 +176,7 @@ def evaluate(
     attrs = Attributes.of(request, payload)
     compiled = compiled_policies(policies, request.protocol)
     results = tuple(_evaluate_policy(p, attrs) for p in compiled)
-    return _decide(policies, results, provider_answers or {}, steps)
+    return _decide(policies, results, provider_answers or {}, steps, request.protocol)
 
 
 def _authenticate(
@@ -206,6 +206,8 @@ def token_refusal(token: Token, rules: Sequence[JwtRule]) -> str | None:
     rule = next((r for r in rules if r.issuer == token.issuer), None)
     if rule is None:
         return f"issuer {token.issuer!r} is not accepted by any RequestAuthentication"
+    if rule.jwks is None and rule.effective_jwks_uri is None:
+        return f"no jwks or jwksUri for issuer {rule.issuer!r}: its tokens cannot be verified"
     if not token.valid:
         return "signature or lifetime does not verify"
     if rule.audiences and not set(rule.audiences) & set(token.audiences):
@@ -247,15 +249,16 @@ def _decide(
     results: tuple[PolicyResult, ...],
     answers: Mapping[str, ProviderAnswer],
     steps: list[str],
+    protocol: RequestProtocol,
 ) -> Decision:
-    enforced = _outcome(policies, [r for r in results if not r.dry_run], answers)
+    enforced = _outcome(policies, [r for r in results if not r.dry_run], answers, protocol)
     audited = tuple(r for r in results if r.action == "AUDIT" and not r.dry_run and r.matched)
     dry = tuple(r for r in results if r.dry_run)
     steps += [f"AUDIT: {r.summary()}: the request is audited" for r in audited]
     steps += enforced.steps
     dry_verdict = None
     if dry:
-        dry_verdict = _outcome(policies, list(results), answers).verdict
+        dry_verdict = _outcome(policies, list(results), answers, protocol).verdict
         steps += [f"dry-run: {_would_have(r)}" for r in dry]
         steps.append(f"dry-run: with the dry-run policies enforced: {dry_verdict}")
     steps.append(f"decision: {enforced.verdict} ({enforced.decided_by})")
@@ -290,9 +293,12 @@ def _outcome(
     policies: WorkloadPolicies,
     results: list[PolicyResult],
     answers: Mapping[str, ProviderAnswer],
+    protocol: RequestProtocol,
 ) -> _Outcome:
     """CUSTOM, then DENY, then ALLOW over `results` (the policies taken as enforced)."""
-    custom = _custom_outcome([r for r in results if r.action == "CUSTOM"], answers)
+    custom = _custom_outcome(
+        policies, [r for r in results if r.action == "CUSTOM"], answers, protocol
+    )
     if custom is not None and custom.verdict == "DENY":
         return custom
     rest = _deny_allow_outcome(policies, results)
@@ -307,38 +313,46 @@ def _outcome(
 
 
 def _custom_outcome(
-    results: list[PolicyResult], answers: Mapping[str, ProviderAnswer]
+    policies: WorkloadPolicies,
+    results: list[PolicyResult],
+    answers: Mapping[str, ProviderAnswer],
+    protocol: RequestProtocol,
 ) -> _Outcome | None:
-    matched = [r for r in results if r.matched]
+    """Each provider whose CUSTOM rules match is asked in turn (by provider name, as the
+    filters run): a denial ends it, an unknown answer makes the verdict DEPENDS."""
+    results = [r for r in results if _provider_checks(policies, r.provider, protocol)]
     if not results:
         return None
-    if not matched:
-        reason = "no CUSTOM policy matched"
-        return _Outcome("ALLOW", 200, reason, steps=[f"CUSTOM: {reason}"])
-    first = _first(matched)
-    assert first is not None and first.provider is not None
-    answer = answers.get(first.provider)
-    step = f"CUSTOM: {first.summary()}: provider {first.provider} decides"
-    if answer is None:
-        return _Outcome(
-            "DEPENDS",
-            None,
-            f"{first.summary()}: depends on provider {first.provider}",
-            first,
-            first.provider,
-            steps=[step],
-        )
-    if answer == "DENY":
-        return _Outcome(
-            "DENY",
-            403,
-            f"provider {first.provider} denied",
-            first,
-            first.provider,
-            steps=[step, f"provider {first.provider} denies"],
-        )
-    allows = f"provider {first.provider} allows"
-    return _Outcome("ALLOW", 200, allows, steps=[step, allows])
+    steps: list[str] = []
+    for provider in sorted({r.provider or "" for r in results}):
+        first = _first([r for r in results if r.provider == provider and r.matched])
+        if first is None:
+            continue
+        steps.append(f"CUSTOM: {first.summary()}: provider {provider} decides")
+        if policies.mesh.authorization.provider(provider) is None:
+            reason = f"provider {provider} is not defined in the Mesh: refused (fail closed)"
+            return _Outcome("DENY", 403, reason, first, provider, steps=[*steps, reason])
+        answer = answers.get(provider)
+        if answer is None:
+            reason = f"{first.summary()}: depends on provider {provider}"
+            return _Outcome("DEPENDS", None, reason, first, provider, steps=steps)
+        steps.append(f"provider {provider} {answer.lower()}s")
+        if answer == "DENY":
+            return _Outcome(
+                "DENY", 403, f"provider {provider} denied", first, provider, steps=steps
+            )
+    if not steps:
+        steps.append("CUSTOM: no CUSTOM policy matched")
+    return _Outcome("ALLOW", 200, "CUSTOM providers allowed", steps=steps)
+
+
+def _provider_checks(
+    policies: WorkloadPolicies, provider: str | None, protocol: RequestProtocol
+) -> bool:
+    """Whether a CUSTOM policy of `provider` is checked on `protocol`: an HTTP ext-authz
+    provider adds no check to TCP connections."""
+    found = policies.mesh.authorization.provider(provider or "")
+    return protocol == "http" or found is None or found.envoy_ext_authz_grpc is not None
 
 
 def _deny_allow_outcome(policies: WorkloadPolicies, results: list[PolicyResult]) -> _Outcome:

@@ -221,7 +221,12 @@ def _checks(fields: Sequence[_Field], keep_http: bool) -> tuple[Check, ...]:
 
 
 def _check(field: _Field) -> Check:
-    matched = AnyOf(tuple(field.make(v) for v in field.values))
+    # One AnyOf over every value's alternatives (a principal stands for one per trust domain).
+    alternatives: list[Condition] = []
+    for value in field.values:
+        made = field.make(value)
+        alternatives += made.items if isinstance(made, AnyOf) else [made]
+    matched = AnyOf(tuple(alternatives))
     condition: Condition = Not(matched) if field.negated else matched
     return Check(
         field.label,

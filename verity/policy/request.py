@@ -8,7 +8,7 @@ The fields are the attributes Envoy sees on the receiving side, spelled as a cal
 - `source_ip`: the direct peer address (Istio `ipBlocks`, `source.ip`).
 - `remote_ip`: the original client address as derived from X-Forwarded-For (Istio
   `remoteIpBlocks`, `remote.ip`). Verity's inbound listeners trust no proxy hops, so for them
-  this is the peer address: None means "same as `source_ip`".
+  this is the peer address: None means "same as `source_ip`" (always so on TCP).
 - `token`: the JWT the client presents (None: no token). Whether it counts depends on the
   RequestAuthentications that select the workload.
 - `host`, `method`, `path` (as sent: query strings and dot segments allowed), `headers`.
@@ -96,8 +96,11 @@ class Request:
 
     @property
     def peer_address(self) -> str:
-        """The client address the sidecar trusts (X-Forwarded-For applied)."""
-        return self.remote_ip if self.remote_ip is not None else self.source_ip
+        """The client address the sidecar trusts (X-Forwarded-For applied; a TCP connection
+        has no such header, so there it is the peer)."""
+        if self.remote_ip is None or self.protocol == "tcp":
+            return self.source_ip
+        return self.remote_ip
 
     def describe(self) -> str:
         who = self.source_principal or "plaintext peer"

@@ -29,6 +29,12 @@ FOO_ADMIN = "cluster.local/ns/foo/sa/admin"
 ROOT = "istio-system"
 
 
+PROVIDERS = [
+    {"name": "opa", "envoyExtAuthzGrpc": {"service": "opa.foo.svc.cluster.local", "port": 9191}},
+    {"name": "web-authz", "envoyExtAuthzHttp": {"service": "authz.foo.svc", "port": 8000}},
+]
+
+
 def mesh(
     default: str = "DENY", trust_domain: str = "cluster.local", aliases: Sequence[str] = ()
 ) -> MeshSpec:
@@ -37,7 +43,7 @@ def mesh(
             "trustDomain": trust_domain,
             "trustDomainAliases": list(aliases),
             "rootNamespace": ROOT,
-            "authorization": {"defaultAction": default},
+            "authorization": {"defaultAction": default, "providers": PROVIDERS},
         }
     )
 
@@ -178,7 +184,7 @@ REFERENCE_ALLOW = policy(
     kind: RequestAuthentication
     metadata: {name: jwt, namespace: foo}
     spec:
-      jwtRules: [{issuer: "https://accounts.google.com"}]
+      jwtRules: [{issuer: "https://accounts.google.com", jwksUri: "https://keys.example/jwks.json"}]
     """
 )
 GOOGLE = Token.of("https://accounts.google.com", "user-1")
@@ -262,7 +268,7 @@ def test_deny_requests_without_a_jwt_with_not_request_principals() -> None:
         + policy("rules: [{}]", name="allow-all")
         + "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
         "metadata: {name: jwt, namespace: foo}\n"
-        "spec: {jwtRules: [{issuer: testing@secure.istio.io}]}\n"
+        "spec: {jwtRules: [{issuer: testing@secure.istio.io, jwksUri: 'https://k.example/j'}]}\n"
     )
     assert verdict(text, get()) == "DENY"
     assert verdict(text, get(token=Token.of("testing@secure.istio.io", "u"))) == "ALLOW"
@@ -345,7 +351,11 @@ def test_service_accounts_default_to_the_policy_namespace() -> None:
 JWT = (
     "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
     "metadata: {name: jwt, namespace: foo}\n"
-    'spec: {jwtRules: [{issuer: "https://issuer.example/tenant"}, {issuer: "plain"}]}\n---\n'
+    "spec:\n"
+    "  jwtRules:\n"
+    "  - {issuer: 'https://issuer.example/tenant', jwksUri: 'https://k.example/j'}\n"
+    "  - {issuer: plain, jwksUri: 'https://k.example/j'}\n"
+    "---\n"
 )
 ISSUER = "https://issuer.example/tenant"
 
@@ -383,11 +393,21 @@ def test_an_invalid_or_unknown_token_is_refused_with_401_but_no_token_is_not() -
     assert decide(policy("rules: [{}]"), get(token=Token.of("x", "y", valid=False))).status == 200
 
 
+def test_an_issuer_without_keys_has_all_its_tokens_refused() -> None:
+    text = (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt, namespace: foo}\nspec: {jwtRules: [{issuer: iss}]}\n---\n"
+    ) + policy("rules: [{}]")
+    result = decide(text, get(token=Token.of("iss", "s")))
+    assert (result.status, "cannot be verified" in result.decided_by) == (401, True)
+
+
 def test_audiences_of_the_request_authentication_are_checked() -> None:
     text = (
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
         "metadata: {name: jwt, namespace: foo}\n"
-        "spec: {jwtRules: [{issuer: iss, audiences: [httpbin]}]}\n---\n"
+        "spec: {jwtRules: [{issuer: iss, audiences: [httpbin], jwksUri: 'https://k.example/j'}]}\n"
+        "---\n"
     ) + policy("rules: [{}]")
     assert decide(text, get(token=Token.of("iss", "s", aud=["web", "httpbin"]))).status == 200
     assert decide(text, get(token=Token.of("iss", "s", aud="web"))).status == 401
@@ -615,6 +635,26 @@ def test_custom_depends_on_the_provider_when_its_rules_match() -> None:
     assert evaluate(policies, get("/public")).verdict == "ALLOW"
     assert evaluate(policies, get("/admin"), provider_answers={"opa": "DENY"}).verdict == "DENY"
     assert evaluate(policies, get("/admin"), provider_answers={"opa": "ALLOW"}).verdict == "ALLOW"
+
+
+def test_custom_with_an_unknown_provider_fails_closed() -> None:
+    text = CUSTOM.replace("name: opa", "name: missing")
+    result = evaluate(for_workload(text), get("/admin"))
+    assert (result.verdict, result.status) == ("DENY", 403)
+    assert "not defined in the Mesh" in result.decided_by
+    assert evaluate(for_workload(text), get("/public")).verdict == "ALLOW"
+
+
+def test_custom_http_provider_adds_no_tcp_check() -> None:
+    target = workload(ports=((8000, "http"), (5432, "tcp")))
+    tcp = Request(source_principal=SLEEP, protocol="tcp", destination_port=5432)
+    every = policy("{action: CUSTOM, provider: {name: NAME}, rules: [{}]}", name="ext") + policy(
+        "rules: [{}]", name="allow-all"
+    )
+    grpc = evaluate(for_workload(every.replace("NAME", "opa"), target=target), tcp)
+    http = evaluate(for_workload(every.replace("NAME", "web-authz"), target=target), tcp)
+    assert (grpc.verdict, grpc.provider) == ("DEPENDS", "opa")
+    assert http.verdict == "ALLOW"
 
 
 def test_custom_runs_before_deny() -> None:
