@@ -450,11 +450,10 @@ class Agent:
         """
         self._started_at = time.monotonic()
         async with contextlib.AsyncExitStack() as stack:
-            # First in, last out: the app is never unintercepted while this agent runs, and
-            # the rules go only after Envoy has drained.
-            self._intercept(stack)
             stack.push_async_callback(self._client.close)
             stack.callback(self._remove_private_files)
+            # Before anything talks to the network; out only after Envoy has drained.
+            self._intercept(stack)
             stack.push_async_callback(self._readiness.stop)
             await self._readiness.start()
             stack.push_async_callback(self._sds.stop)

@@ -368,6 +368,10 @@ class EventfulControlPlane(FakeControlPlane):
         self.events.append("register")
         return await super().register_dataplane(dataplane_yaml)
 
+    async def close(self) -> None:
+        self.events.append("client closed")
+        await super().close()
+
 
 async def run_agent(
     tmp_path: Path, interceptor: RecordingInterceptor, events: list[str]
@@ -406,7 +410,7 @@ async def test_rules_go_in_first_and_out_last_and_envoy_runs_in_the_proxy_group(
     stop.set()
     async with asyncio.timeout(5):
         await task
-    assert events == ["install", "register", "envoy start", "envoy stop", "remove"]
+    assert events == ["install", "register", "envoy start", "envoy stop", "remove", "client closed"]
     assert envoys[0].options.group == PLAN.proxy_gid
 
 
@@ -419,7 +423,7 @@ async def test_rules_that_cannot_be_installed_stop_the_agent_before_anything_run
         async with asyncio.timeout(5):
             await task
     # Nothing removed either: rules a killed agent left keep the app's traffic off the wire.
-    assert events == ["install"] and not envoys
+    assert events == ["install", "client closed"] and not envoys
 
 
 def test_without_the_flag_envoy_keeps_the_agents_group(tmp_path: Path) -> None:
