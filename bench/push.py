@@ -140,15 +140,14 @@ class SimulatedProxy:
         sub = self.subs[response.type_url]
         sub.version, sub.nonce = response.version_info, response.nonce
         await self.call.write(sub.request(response.type_url))
-        detail = ""
+        acked_at, detail = time.monotonic(), ""
         if response.type_url == CDS:
             await self.follow(EDS, eds_names(response))
         elif response.type_url == LDS:
             names, chains = listener_facts(response)
             detail = str(chains)
             await self.follow(RDS, names)
-        report = f"{self.node}\t{SHORT[response.type_url]}\t{time.monotonic():.6f}\t{detail}"
-        print(report, flush=True)
+        print(f"{self.node}\t{SHORT[response.type_url]}\t{acked_at:.6f}\t{detail}", flush=True)
 
     async def follow(self, type_url: str, names: list[str]) -> None:
         """Subscribe to (or change) the EDS/RDS names the clusters/listeners use."""
