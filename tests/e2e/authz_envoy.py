@@ -382,9 +382,17 @@ def validate(config: dict[str, Any], path: Path) -> subprocess.CompletedProcess[
     )
 
 
+@dataclass(frozen=True)
+class EnvoyRun:
+    admin_port: int
+    pid: int
+
+
 @contextmanager
-def running_envoy(config: dict[str, Any], path: Path, *, log_level: str = "error") -> Iterator[int]:
-    """Envoy with `config`, ready; yields its admin port. Stopped (and logs flushed) on exit."""
+def running_envoy(
+    config: dict[str, Any], path: Path, *, log_level: str = "error"
+) -> Iterator[EnvoyRun]:
+    """Envoy with `config`, ready. Stopped (and its logs flushed) on exit."""
     path.write_text(json.dumps(config))
     admin = config["admin"]["address"]["socket_address"]["port_value"]
     command = [
@@ -404,7 +412,7 @@ def running_envoy(config: dict[str, Any], path: Path, *, log_level: str = "error
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     try:
         _wait_ready(admin, process, output)
-        yield admin
+        yield EnvoyRun(admin, process.pid)
     finally:
         process.terminate()
         try:
@@ -414,11 +422,18 @@ def running_envoy(config: dict[str, Any], path: Path, *, log_level: str = "error
             process.wait()
 
 
+class PortTaken(RuntimeError):
+    """Envoy could not bind a listener port (picked free, taken since): pick others."""
+
+
 def _wait_ready(admin: int, process: subprocess.Popen[bytes], output: Path) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"Envoy exited: {output.read_text()[-3000:]}")
+            text = output.read_text()
+            if "Address already in use" in text:
+                raise PortTaken(text[-500:])
+            raise RuntimeError(f"Envoy exited: {text[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as reply:
                 if reply.status == 200:
