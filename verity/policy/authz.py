@@ -34,7 +34,7 @@ from verity.policy.authz_rules import (
     compile_authorization_policy,
     compile_traffic_permission,
 )
-from verity.policy.explain import rule_failure
+from verity.policy.explain import rule_failure, rule_matches
 from verity.policy.matchers import Attributes
 from verity.policy.request import Request, RequestProtocol, Token
 from verity.policy.selection import WorkloadPolicies
@@ -155,10 +155,13 @@ def evaluate(
     request: Request,
     *,
     provider_answers: Mapping[str, ProviderAnswer] | None = None,
+    explain: bool = True,
 ) -> Decision:
     """The decision for `request` to the workload of `policies` (see the module docstring).
 
     `provider_answers` gives ext-authz providers' answers (by provider name) when known.
+    With `explain=False` the rules that do not match get no reason (a few times faster, for
+    callers that only want the verdict and the deciding rule).
     """
     steps = [f"request: {request.describe()}"]
     if request.source_principal in policies.revoked:
@@ -175,7 +178,7 @@ def evaluate(
         return Decision("DENY", 401, refusal, steps=(*steps, "decision: DENY (401)"))
     attrs = Attributes.of(request, payload)
     compiled = compiled_policies(policies, request.protocol)
-    results = tuple(_evaluate_policy(p, attrs) for p in compiled)
+    results = tuple(_evaluate_policy(p, attrs, explain) for p in compiled)
     return _decide(policies, results, provider_answers or {}, steps, request.protocol)
 
 
@@ -215,11 +218,15 @@ def token_refusal(token: Token, rules: Sequence[JwtRule]) -> str | None:
     return None
 
 
-def _evaluate_policy(policy: CompiledPolicy, attrs: Attributes) -> PolicyResult:
+def _evaluate_policy(policy: CompiledPolicy, attrs: Attributes, explain: bool) -> PolicyResult:
     results = []
     for rule in policy.rules:
-        failure = rule_failure(rule, attrs)
-        results.append(RuleResult(rule.index, failure is None, failure or "matched"))
+        if explain:
+            failure = rule_failure(rule, attrs)
+            results.append(RuleResult(rule.index, failure is None, failure or "matched"))
+        else:
+            hit = rule_matches(rule, attrs)
+            results.append(RuleResult(rule.index, hit, "matched" if hit else ""))
     matched = [r.index for r in results if r.matched]
     first = min(matched, key=policy.id.envoy_name, default=None)
     return PolicyResult(

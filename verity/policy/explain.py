@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from verity.policy.authz_rules import Check, CompiledRule, claim_path
 from verity.policy.matchers import Attributes, claim_value
+
+_ATTRIBUTES: dict[str, Callable[[Attributes], object]] = {
+    "source.principal": lambda a: a.request.source_principal,
+    "source.ip": lambda a: a.request.source_ip,
+    "remote.ip": lambda a: a.request.peer_address,
+    "host": lambda a: a.request.host,
+    "method": lambda a: a.request.method,
+    "path": lambda a: a.path,
+    "destination.port": lambda a: a.request.destination_port,
+    "destination.ip": lambda a: a.request.destination_ip,
+    "connection.sni": lambda a: a.request.sni,
+    "request.auth.principal": lambda a: _jwt_principal(a),
+    "request.auth.audiences": lambda a: claim_value(a.jwt, ("aud",)),
+    "request.auth.presenter": lambda a: claim_value(a.jwt, ("azp",)),
+}
 
 
 def observed(attribute: str, attrs: Attributes) -> str:
     """The request's value of `attribute` (as a Check names it), for messages."""
-    request = attrs.request
-    values: dict[str, object] = {
-        "source.principal": request.source_principal,
-        "source.ip": request.source_ip,
-        "remote.ip": request.peer_address,
-        "host": request.host,
-        "method": request.method,
-        "path": attrs.path,
-        "destination.port": request.destination_port,
-        "destination.ip": request.destination_ip,
-        "connection.sni": request.sni,
-        "request.auth.principal": _jwt_principal(attrs),
-        "request.auth.audiences": claim_value(attrs.jwt, ("aud",)),
-        "request.auth.presenter": claim_value(attrs.jwt, ("azp",)),
-    }
-    if attribute in values:
-        return _shown(values[attribute])
+    if attribute in _ATTRIBUTES:
+        return _shown(_ATTRIBUTES[attribute](attrs))
     if attribute.startswith(("request.headers[", "request.experimental.inline.headers[")):
         name = attribute[attribute.index("[") + 1 : -1].lower()
-        return _shown(request.headers.get(name))
+        return _shown(attrs.request.headers.get(name))
     if attribute.startswith("request.auth.claims["):
         return _shown(claim_value(attrs.jwt, claim_path(attribute[len("request.auth.claims") :])))
     return "(not known to the evaluator)"
@@ -76,3 +78,13 @@ def rule_failure(rule: CompiledRule, attrs: Attributes) -> str | None:
             )
             return f"{prefix}: {detail}"
     return None
+
+
+def rule_matches(rule: CompiledRule, attrs: Attributes) -> bool:
+    """Whether `rule` matches, without saying why not."""
+    if rule.never is not None:
+        return False
+    return all(
+        any(all(check.condition.holds(attrs) for check in checks) for checks in entries)
+        for entries in (rule.sources, rule.operations)
+    )
