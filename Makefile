@@ -38,7 +38,7 @@ demo: setup
 
 bench: setup
 	@command -v h2load >/dev/null 2>&1 || if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client; else echo "warning: missing system package: nghttp2-client (run as root to install)"; fi
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # Regenerate the gRPC code of the wire protocols (committed, so users need no protoc).
 proto: setup
