@@ -232,7 +232,11 @@ spec:
   - {{service: users, port: {ports.users_inbound}, localPort: {ports.invoices_to_users}}}
 """
     )
-    mesh = MeshSpec.model_validate({"mtls": {"mode": mode}})
+    # These tests are about mTLS; with no AuthorizationPolicy the mesh allows (Istio's
+    # default), so plaintext modes carry traffic; revoked identities are refused regardless.
+    mesh = MeshSpec.model_validate(
+        {"mtls": {"mode": mode}, "authorization": {"defaultAction": "ALLOW"}}
+    )
     return MeshSnapshot(
         mesh_name="default",
         mesh=mesh,

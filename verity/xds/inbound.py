@@ -8,10 +8,11 @@ Each inbound port gets its effective mTLS mode (`verity.policy.mtls`):
 - DISABLE: one plaintext chain.
 
 Who may call is decided by RBAC, not by TLS (a server-side SAN matcher would make client
-certificates mandatory even on the plaintext-capable chain). `inbound_authz_filters` is the
-seam a policy engine replaces: today it allows any peer with an identity of the mesh's trust
-domain (or an alias), denies revoked identities first, and lets plaintext through on chains
-that accept plaintext.
+certificates mandatory even on the plaintext-capable chain). `inbound_authz_filters` gives
+each chain the authorization filters of the policies that select the workload
+(`verity.xds.rbac`: revoked identities first, JWT, AUDIT, CUSTOM, DENY, ALLOW, and the Mesh's
+default action when no ALLOW policy selects it); a STRICT listener also gets the TLS
+inspector when a policy tests `connection.sni`, which only the inspector records.
 
 HTTP ports (http, http2, grpc) use HTTP RBAC, which answers a refused request with 403 instead
 of resetting the connection (callers, tests and logs can tell a refusal from a failure), and
@@ -23,35 +24,30 @@ Routes travel over RDS so that route changes take effect without draining the li
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
-from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from verity.policy import MtlsMode
 from verity.resources import Dataplane
 from verity.resources.verity_kinds import DataplaneInbound
+from verity.xds.rbac import http_authz_filters, network_authz_filters, uses_server_name
 from verity.xds.snapshot import MeshSnapshot
 from verity.xds.tlsconfig import (
     ALPN_HTTP,
     ads_source,
     downstream_tls,
     http2_upstream_options,
-    http_filter,
     is_ip,
     listener_filter,
     network_filter,
@@ -64,9 +60,6 @@ from verity.xds.tlsconfig import (
 APP_HOST = "127.0.0.1"
 HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc"})
 H2_PROTOCOLS = frozenset({"http2", "grpc"})
-DENY_REVOKED = "verity-deny-revoked"
-ALLOW_MESH = "verity-allow-mesh"
-ALLOW_PLAINTEXT = "verity-allow-plaintext"
 
 _HCM = hcm_pb2.HttpConnectionManager
 
@@ -84,13 +77,13 @@ def stat_prefix(port: int) -> str:
     return f"inbound_{port}"
 
 
-# --- authorization (the seam a policy engine replaces) ----------------------------------------
+# --- authorization ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AuthzFilters:
-    """The RBAC filters of one inbound filter chain: network filters for TCP ports (run before
-    tcp_proxy), HTTP filters for HTTP ports (run before the router)."""
+    """The authorization filters of one inbound filter chain: network filters for TCP ports
+    (run before tcp_proxy), HTTP filters for HTTP ports (run before the router)."""
 
     network: tuple[Message, ...] = ()
     http: tuple[Message, ...] = ()
@@ -99,60 +92,19 @@ class AuthzFilters:
 def inbound_authz_filters(
     snapshot: MeshSnapshot, dataplane: Dataplane, inbound: DataplaneInbound, *, mtls: bool
 ) -> AuthzFilters:
-    """The authorization filters of `inbound`'s chain (`mtls`: the chain terminates mTLS)."""
-    del dataplane  # every workload gets the same rules until the policy engine arrives
-    rule_sets = []
-    if mtls and snapshot.revoked:
-        deny = {DENY_REVOKED: _policy(_exact_principals(snapshot.revoked))}
-        rule_sets.append(("revoked.", rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY, policies=deny)))
-    allow = (
-        {ALLOW_MESH: _policy(_mesh_principals(snapshot.trust_domains))}
-        if mtls
-        else {ALLOW_PLAINTEXT: _policy([rbac_pb2.Principal(any=True)])}
-    )
-    rule_sets.append(("allow.", rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW, policies=allow)))
+    """The authorization filters of `inbound`'s chain (`mtls`: the chain terminates mTLS):
+    the policies that select the workload, as `verity.xds.rbac` writes them."""
+    policies = snapshot.authorization(dataplane)
     if inbound.protocol in HTTP_PROTOCOLS:
-        return AuthzFilters(http=tuple(_http_rbac(prefix, rules) for prefix, rules in rule_sets))
-    port_prefix = f"{stat_prefix(inbound.port)}."
+        return AuthzFilters(http=tuple(http_authz_filters(policies, mtls=mtls)))
     return AuthzFilters(
-        network=tuple(_network_rbac(port_prefix + prefix, rules) for prefix, rules in rule_sets)
+        network=tuple(network_authz_filters(policies, port=inbound.port, mtls=mtls))
     )
 
 
-def _policy(principals: list[Message]) -> Message:
-    return rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)], principals=principals)
-
-
-def _authenticated(matcher: Message) -> Message:
-    # principal_name is matched against the URI SAN (the SPIFFE ID) of the peer certificate.
-    return rbac_pb2.Principal(
-        authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher)
-    )
-
-
-def _exact_principals(ids: Iterable[str]) -> list[Message]:
-    return [_authenticated(string_pb2.StringMatcher(exact=i)) for i in sorted(ids)]
-
-
-def _mesh_principals(trust_domains: Iterable[str]) -> list[Message]:
-    return [
-        _authenticated(string_pb2.StringMatcher(prefix=f"spiffe://{domain}/"))
-        for domain in trust_domains
-    ]
-
-
-def _http_rbac(prefix: str, rules: Message) -> Message:
-    # Envoy records the enforced decision in the filter's dynamic metadata under this prefix
-    # ("revoked.enforced_effective_policy_id": "verity-deny-revoked") and in the response
-    # code details, so a deny log line can name its policy without shadow rules (which
-    # would evaluate every policy twice). Per-rule stats count each policy's decisions.
-    config = http_rbac_pb2.RBAC(rules=rules, rules_stat_prefix=prefix, track_per_rule_stats=True)
-    return http_filter("envoy.filters.http.rbac", config)
-
-
-def _network_rbac(prefix: str, rules: Message) -> Message:
-    config = network_rbac_pb2.RBAC(rules=rules, stat_prefix=prefix)
-    return network_filter("envoy.filters.network.rbac", config)
+def _needs_server_name(snapshot: MeshSnapshot, dataplane: Dataplane) -> bool:
+    """Whether a policy of the workload reads the SNI, which only the TLS inspector records."""
+    return uses_server_name(snapshot.authorization(dataplane))
 
 
 # --- listeners -------------------------------------------------------------------------------
@@ -189,7 +141,7 @@ def _listener(
         traffic_direction=base_pb2.INBOUND,
         filter_chains=_filter_chains(snapshot, dataplane, inbound, mode),
     )
-    if mode == "PERMISSIVE":
+    if mode == "PERMISSIVE" or (mode == "STRICT" and _needs_server_name(snapshot, dataplane)):
         inspector = tls_inspector_pb2.TlsInspector()
         listener.listener_filters.append(
             listener_filter("envoy.filters.listener.tls_inspector", inspector)

@@ -432,6 +432,28 @@ def _metadata(filter_name: str, path: Sequence[str], alternatives: Sequence[Mess
     )
 
 
+def uses_server_name(policies: WorkloadPolicies) -> bool:
+    """Whether a rule of the workload tests the TLS SNI (Istio's `connection.sni`): Envoy
+    records it only when the listener runs the TLS inspector."""
+    return any(
+        _mentions_server_name(check.condition)
+        for policy in compiled_policies(policies, "http")
+        for rule in policy.rules
+        for checks in (*rule.sources, *rule.operations)
+        for check in checks
+    )
+
+
+def _mentions_server_name(condition: Condition) -> bool:
+    if isinstance(condition, ServerName):
+        return True
+    if isinstance(condition, AnyOf | AllOf):
+        return any(_mentions_server_name(item) for item in condition.items)
+    if isinstance(condition, Not):
+        return _mentions_server_name(condition.item)
+    return False
+
+
 def protocol_of(protocol: str) -> RequestProtocol:
     """The evaluator's protocol of a Dataplane inbound protocol (http, http2, grpc, tcp)."""
     return "tcp" if protocol == "tcp" else "http"

@@ -15,8 +15,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from verity.policy import EffectiveMtls, PolicyKey, effective_mtls
-from verity.resources import Dataplane, MeshSpec, PeerAuthentication
+from verity.policy import (
+    EffectiveMtls,
+    PolicyKey,
+    WorkloadPolicies,
+    effective_mtls,
+    policies_for,
+)
+from verity.resources import (
+    AuthorizationPolicy,
+    Dataplane,
+    MeshSpec,
+    PeerAuthentication,
+    RequestAuthentication,
+    TrafficPermission,
+)
 
 
 def dataplane_key(dataplane: Dataplane) -> str:
@@ -36,6 +49,9 @@ class MeshSnapshot:
     - `revoked`: SPIFFE IDs whose certificates must no longer be accepted.
     - `ready`: keys of the Dataplanes that are connected and ready to take traffic; only
       these are endpoints.
+    - `authorization_policies`, `request_authentications`: every AuthorizationPolicy and
+      RequestAuthentication (all namespaces; which apply to a workload is decided here).
+    - `traffic_permissions`: the Kuma TrafficPermissions of this mesh.
     """
 
     mesh_name: str
@@ -45,11 +61,15 @@ class MeshSnapshot:
     revoked: frozenset[str] = frozenset()
     ready: frozenset[str] = frozenset()
     policy_created_at: Mapping[PolicyKey, datetime] = field(default_factory=dict)
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+    traffic_permissions: tuple[TrafficPermission, ...] = ()
     _by_key: Mapping[str, Dataplane] = field(init=False, repr=False, compare=False)
     _by_service: Mapping[tuple[str, str], tuple[Dataplane, ...]] = field(
         init=False, repr=False, compare=False
     )
     _modes: dict[str, EffectiveMtls] = field(init=False, repr=False, compare=False)
+    _authorization: dict[str, WorkloadPolicies] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         dataplanes = tuple(sorted(self.dataplanes, key=dataplane_key))
@@ -65,10 +85,13 @@ class MeshSnapshot:
         self._set("revoked", frozenset(self.revoked))
         self._set("ready", frozenset(self.ready))
         self._set("policy_created_at", MappingProxyType(dict(self.policy_created_at)))
+        for name in ("authorization_policies", "request_authentications", "traffic_permissions"):
+            self._set(name, tuple(sorted(getattr(self, name), key=_resource_order)))
         self._set("_by_key", MappingProxyType(by_key))
         self._set("_by_service", MappingProxyType(_group_by_service(dataplanes)))
         # Memo of effective modes: each Dataplane's is needed by every proxy that calls it.
         self._set("_modes", {})
+        self._set("_authorization", {})
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -105,6 +128,22 @@ class MeshSnapshot:
             )
         return self._modes[key]
 
+    def authorization(self, dataplane: Dataplane) -> WorkloadPolicies:
+        """The authorization resources that apply to `dataplane` (and the revoked identities),
+        compiled once per snapshot for all its inbound ports."""
+        key = dataplane_key(dataplane)
+        if key not in self._authorization:
+            self._authorization[key] = policies_for(
+                self.mesh,
+                dataplane,
+                authorization_policies=self.authorization_policies,
+                request_authentications=self.request_authentications,
+                traffic_permissions=self.traffic_permissions,
+                dataplanes=self.dataplanes,
+                revoked=self.revoked,
+            )
+        return self._authorization[key]
+
     def serving(self, service: str, namespace: str, port: int) -> tuple[Dataplane, ...]:
         """Registered Dataplanes of `service` in `namespace` with inbound `port`, by key."""
         return tuple(
@@ -112,6 +151,12 @@ class MeshSnapshot:
             for dp in self._by_service.get((namespace, service), ())
             if any(i.port == port for i in dp.spec.inbound)
         )
+
+
+def _resource_order(
+    resource: AuthorizationPolicy | RequestAuthentication | TrafficPermission,
+) -> tuple[str, str]:
+    return (resource.namespace, resource.name)
 
 
 def _group_by_service(

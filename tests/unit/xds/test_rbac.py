@@ -12,11 +12,16 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from tests.unit.policy.test_authz import JWT, for_workload, mesh, policy, workload
+from tests.unit.xds.test_translate_marketplace import snapshot
 from verity.policy import WorkloadPolicies
+from verity.resources import AuthorizationPolicy, load_documents
 from verity.xds import authn, extauthz, rbac  # noqa: F401 - registers the filters' types
 from verity.xds.authn import jwks_clusters
 from verity.xds.extauthz import ext_authz_cluster
 from verity.xds.rbac import DENY_LOG_METADATA_KEYS, http_authz_filters, network_authz_filters
+from verity.xds.snapshot import MeshSnapshot
+from verity.xds.translate import translate
+from verity.xds.typeurls import LISTENER
 
 TCP_WORKLOAD = workload(ports=((8000, "http"), (5432, "tcp")))
 
@@ -319,3 +324,32 @@ def test_jwks_clusters_are_deduplicated_and_verify_the_key_server() -> None:
 
 def test_no_jwt_filter_without_request_authentication() -> None:
     assert "envoy.filters.http.jwt_authn" not in names(http(for_workload(policy("rules: [{}]"))))
+
+
+# --- in translate() ----------------------------------------------------------------------------
+
+
+def test_translate_uses_the_snapshot_policies_and_inspects_tls_for_sni() -> None:
+    sni = policy('rules: [{when: [{key: connection.sni, values: ["users.shop"]}]}]', name="sni")
+    (extra,) = load_documents(sni.replace("namespace: foo", "namespace: shop"))
+    assert isinstance(extra, AuthorizationPolicy)
+    base = snapshot()
+    with_sni = MeshSnapshot(
+        base.mesh_name,
+        base.mesh,
+        base.dataplanes,
+        ready=base.ready,
+        authorization_policies=(*base.authorization_policies, extra),
+    )
+    for mesh_snapshot, inspected in ((base, False), (with_sni, True)):
+        inbound = json_format.MessageToDict(
+            translate(mesh_snapshot, "shop/users-1")[LISTENER]["inbound:8080"],
+            preserving_proto_field_name=True,
+        )
+        assert ("listener_filters" in inbound) is inspected
+    users = with_sni.dataplane("shop/users-1")
+    assert [p.name for p in with_sni.authorization(users).authorization_policies] == [
+        "no-admin-from-outside",
+        "sni",
+        "users",
+    ]

@@ -21,6 +21,7 @@ from verity.xds.snapshot import MeshSnapshot
 from verity.xds.translate import translate
 
 INVOICES_ID = "spiffe://cluster.local/ns/shop/sa/invoices"
+REPORTS_ID = "spiffe://cluster.local/ns/shop/sa/reports"
 USERS_ID = "spiffe://cluster.local/ns/shop/sa/users"
 USERS_CLUSTER = "outbound|8080|users.shop"
 DOWNSTREAM_TLS = (
@@ -65,9 +66,12 @@ def manager(chain: dict[str, Any]) -> dict[str, Any]:
 def rbac_policies(chain: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(action, policies) of each RBAC filter of the chain, in order."""
     return [
-        (f["typed_config"]["rules"].get("action", "ALLOW"), f["typed_config"]["rules"]["policies"])
+        (
+            f["typed_config"]["rules"].get("action", "ALLOW"),
+            f["typed_config"]["rules"].get("policies", {}),
+        )
         for f in filters(chain)
-        if f["name"].endswith(".rbac")
+        if f["name"].endswith(".rbac") and "rules" in f["typed_config"]
     ]
 
 
@@ -179,16 +183,20 @@ def test_permissive_accepts_mtls_and_plaintext_on_one_port() -> None:
     assert tls["transport_socket"]["typed_config"]["require_client_certificate"] is True
     assert plain["filter_chain_match"] == {"transport_protocol": "raw_buffer"}
     assert "transport_socket" not in plain
-    assert [p for _, p in rbac_policies(plain)] == [
-        {"verity-allow-plaintext": {"permissions": [{"any": True}], "principals": [{"any": True}]}}
+    # Plaintext gets the same policies (which never match a peer without identity by
+    # principal), but no revoked-identity filter: there is no identity to revoke.
+    assert [list(p) for _, p in rbac_policies(plain)] == [
+        ["ns[shop]-policy[no-admin-from-outside]-rule[0]"],
+        ["ns[shop]-policy[users]-rule[0]"],
     ]
+    assert list(rbac_policies(tls)[0][1]) == ["verity-deny-revoked"]
 
 
 def test_disable_is_plaintext_only() -> None:
     inbound = listener(snapshot("DISABLE"), "shop/users-1", "inbound:8080")
     (chain,) = inbound["filter_chains"]
     assert "transport_socket" not in chain and "listener_filters" not in inbound
-    assert [action for action, _ in rbac_policies(chain)] == ["ALLOW"]
+    assert [action for action, _ in rbac_policies(chain)] == ["DENY", "ALLOW"]
 
 
 def test_port_level_modes_shape_each_port() -> None:
@@ -244,44 +252,77 @@ def test_tcp_port_uses_network_rbac_before_tcp_proxy() -> None:
     assert names(tls) == [
         "envoy.filters.network.rbac",
         "envoy.filters.network.rbac",
+        "envoy.filters.network.rbac",
         "envoy.filters.network.tcp_proxy",
     ]
-    assert tls["filters"][0]["typed_config"]["stat_prefix"] == "inbound_5432.revoked."
-    assert names(plain) == ["envoy.filters.network.rbac", "envoy.filters.network.tcp_proxy"]
+    assert [f["typed_config"]["stat_prefix"] for f in tls["filters"][:3]] == [
+        "inbound_5432.revoked.",
+        "inbound_5432.deny.",
+        "inbound_5432.allow.",
+    ]
+    assert names(plain) == [
+        "envoy.filters.network.rbac",
+        "envoy.filters.network.rbac",
+        "envoy.filters.network.tcp_proxy",
+    ]
     assert tls["filters"][-1]["typed_config"]["cluster"] == "inbound|5432"
+    # On TCP the ALLOW rule with `methods` matches nothing; the port rule remains.
+    ((_, allow),) = [(a, p) for a, p in rbac_policies(tls) if a == "ALLOW"]
+    assert list(allow) == ["ns[shop]-policy[reports]-rule[0]"]
 
 
 # --- inbound authorization ------------------------------------------------------------------
 
 
-def test_mesh_identities_allowed_and_revoked_ones_denied_first() -> None:
+def test_policies_allow_and_revoked_identities_are_denied_first() -> None:
     (chain,) = listener(snapshot(), "shop/users-1", "inbound:8080")["filter_chains"]
-    (deny_action, deny), (allow_action, allow) = rbac_policies(chain)
-    assert (deny_action, allow_action) == ("DENY", "ALLOW")
-    assert deny["verity-deny-revoked"]["principals"] == [
+    (revoked_action, revoked), (deny_action, _), (allow_action, allow) = rbac_policies(chain)
+    assert (revoked_action, deny_action, allow_action) == ("DENY", "DENY", "ALLOW")
+    assert revoked["verity-deny-revoked"]["principals"] == [
         {"authenticated": {"principal_name": {"exact": REVOKED}}}
     ]
-    assert allow["verity-allow-mesh"]["principals"] == [
-        {"authenticated": {"principal_name": {"prefix": "spiffe://cluster.local/"}}}
+    (principal,) = allow["ns[shop]-policy[users]-rule[0]"]["principals"]
+    assert principal["or_ids"]["ids"] == [
+        {"authenticated": {"principal_name": {"exact": INVOICES_ID}}},
+        {"authenticated": {"principal_name": {"exact": REPORTS_ID}}},
     ]
 
 
-def test_no_deny_filter_without_revocations() -> None:
+def test_no_revoked_filter_without_revocations() -> None:
     (chain,) = listener(snapshot(revoked=()), "shop/users-1", "inbound:8080")["filter_chains"]
-    assert [action for action, _ in rbac_policies(chain)] == ["ALLOW"]
+    assert [action for action, _ in rbac_policies(chain)] == ["DENY", "ALLOW"]
 
 
-def test_trust_domain_aliases_are_allowed() -> None:
-    base = snapshot()
+def test_without_policies_the_default_action_decides() -> None:
+    base = snapshot(revoked=())
+    bare = MeshSnapshot(base.mesh_name, base.mesh, base.dataplanes, ready=base.ready)
+    (chain,) = listener(bare, "shop/users-1", "inbound:8080")["filter_chains"]
+    assert rbac_policies(chain) == [("ALLOW", {})]  # Verity's default: deny
+    mesh = base.mesh.model_copy(
+        update={
+            "authorization": base.mesh.authorization.model_copy(update={"default_action": "ALLOW"})
+        }
+    )
+    allowing = MeshSnapshot(base.mesh_name, mesh, base.dataplanes, ready=base.ready)
+    (chain,) = listener(allowing, "shop/users-1", "inbound:8080")["filter_chains"]
+    assert rbac_policies(chain) == []
+
+
+def test_principals_cover_the_trust_domain_aliases() -> None:
+    base = snapshot(revoked=())
     mesh = base.mesh.model_copy(update={"trust_domain_aliases": ["old.example"]})
-    aliased = MeshSnapshot(base.mesh_name, mesh, base.dataplanes, ready=base.ready)
-    (chain,) = listener(aliased, "shop/users-1", "inbound:8080")["filter_chains"]
-    ((_, allow),) = rbac_policies(chain)
-    prefixes = [
-        p["authenticated"]["principal_name"]["prefix"]
-        for p in allow["verity-allow-mesh"]["principals"]
-    ]
-    assert prefixes == ["spiffe://cluster.local/", "spiffe://old.example/"]
+    aliased = MeshSnapshot(
+        base.mesh_name,
+        mesh,
+        base.dataplanes,
+        ready=base.ready,
+        authorization_policies=base.authorization_policies,
+    )
+    (chain,) = listener(aliased, "shop/invoices-1", "inbound:8080")["filter_chains"]
+    (_, allow) = rbac_policies(chain)[-1]
+    (principal,) = allow["ns[shop]-policy[invoices]-rule[0]"]["principals"]
+    names = [p["authenticated"]["principal_name"]["exact"] for p in principal["or_ids"]["ids"]]
+    assert names == [USERS_ID, "spiffe://old.example/ns/shop/sa/users"]
 
 
 # --- TLS parameters from the Mesh ----------------------------------------------------------------

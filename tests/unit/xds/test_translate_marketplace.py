@@ -1,8 +1,10 @@
 """translate() on the marketplace: golden files, determinism, order independence.
 
 The marketplace: users, items and invoices in namespace shop; invoices calls users and items,
-users calls invoices. A second snapshot adds `reports`, with a transparent proxy, gRPC and TCP
-ports and port-level modes. These snapshots are also what the real-Envoy test loads.
+users calls invoices, and AuthorizationPolicies allow exactly those calls (plus reports to
+users) and refuse /admin from outside the namespace. A second snapshot adds `reports`, with a
+transparent proxy, gRPC and TCP ports, port-level modes and its own AuthorizationPolicy.
+These snapshots are also what the real-Envoy test loads.
 
 Regenerate the golden files after an intended change with VERITY_UPDATE_GOLDEN=1, and review
 the diff like code.
@@ -21,7 +23,13 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verity.resources import Dataplane, Mesh, PeerAuthentication, load_documents
+from verity.resources import (
+    AuthorizationPolicy,
+    Dataplane,
+    Mesh,
+    PeerAuthentication,
+    load_documents,
+)
 from verity.xds import typeurls
 from verity.xds.snapshot import MeshSnapshot
 from verity.xds.translate import Resources, translate
@@ -72,6 +80,42 @@ spec:
   outbound:
   - {service: users, port: 8080, localPort: 10001}
   - {service: items, namespace: shop, port: 8080, localPort: 10002}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: users, namespace: shop}
+spec:
+  selector: {matchLabels: {app: users}}
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/shop/sa/invoices, cluster.local/ns/shop/sa/reports]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: items, namespace: shop}
+spec:
+  selector: {matchLabels: {app: items}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/invoices]}}]
+    to: [{operation: {methods: [GET, HEAD]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: invoices, namespace: shop}
+spec:
+  selector: {matchLabels: {app: invoices}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/users]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin-from-outside, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {notNamespaces: [shop]}}]
+    to: [{operation: {paths: ["/admin", "/admin/{**}"]}}]
 """
 
 REPORTS = """
@@ -111,6 +155,16 @@ spec:
   portLevelMtls:
     5432: {mode: PERMISSIVE}
     8080: {mode: DISABLE}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reports, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reports}}
+  rules:
+  - from: [{source: {namespaces: [shop]}}]
+    to: [{operation: {ports: ["9090", "5432"]}}]
+  - to: [{operation: {ports: ["8080"], methods: [GET]}}]
 """
 
 MARKETPLACE_KEYS = ("shop/users-1", "shop/items-1", "shop/invoices-1")
@@ -132,6 +186,7 @@ def snapshot(
     documents = load_documents(MARKETPLACE + ("---\n" + extra if extra else ""))
     dataplanes = tuple(d for d in documents if isinstance(d, Dataplane))
     policies = tuple(d for d in documents if isinstance(d, PeerAuthentication))
+    authorization = tuple(d for d in documents if isinstance(d, AuthorizationPolicy))
     keys = {f"{d.namespace}/{d.name}" for d in dataplanes}
     return MeshSnapshot(
         mesh_name=mesh.name,
@@ -140,6 +195,7 @@ def snapshot(
         peer_authentications=policies,
         revoked=frozenset(revoked),
         ready=frozenset(keys if ready is None else ready),
+        authorization_policies=authorization,
     )
 
 
@@ -210,6 +266,7 @@ def _shuffled(base: MeshSnapshot, order: list[int], policy_order: list[int]) -> 
         peer_authentications=tuple(base.peer_authentications[i] for i in policy_order),
         revoked=base.revoked,
         ready=base.ready,
+        authorization_policies=tuple(reversed(base.authorization_policies)),
     )
 
 
@@ -245,6 +302,7 @@ def test_input_order_does_not_change_the_output(
             peer_authentications=shuffled.peer_authentications,
             revoked=frozenset(reversed(sorted(shuffled.revoked))),
             ready=shuffled.ready,
+            authorization_policies=shuffled.authorization_policies,
         )
     for key, expected in BASE_OUTPUT.items():
         assert wire(translate(shuffled, f"shop/{key}")) == expected
