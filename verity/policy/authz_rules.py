@@ -239,154 +239,66 @@ def _check(field: _Field) -> Check:
     )
 
 
-def _pair(
-    label: str,
-    name: str,
-    values: Sequence[str],
-    not_values: Sequence[str],
-    side: Side,
-    make: Callable[[str], Condition],
-    observe: str,
-    http_only: bool = False,
-) -> list[_Field]:
-    """The fields `name` and `notName` (or a condition's values and notValues)."""
-    not_name = "not" + name[0].upper() + name[1:]
-    return [
-        _Field(label + field, field, tuple(given), negated, side, make, observe, http_only)
-        for field, given, negated in ((name, values, False), (not_name, not_values, True))
-        if given
-    ]
+_Row = tuple[str, Sequence[str], Sequence[str], Callable[[str], Condition], str, bool]
+"""(field name, values, notValues, value -> Condition, attribute read, HTTP-only)."""
+
+
+def _fields(label: str, side: Side, rows: Sequence[_Row]) -> list[_Field]:
+    """Each row's `name` and `notName` fields that have values."""
+    found = []
+    for name, values, not_values, make, observe, http_only in rows:
+        not_name = "not" + name[0].upper() + name[1:]
+        for field, given, negated in ((name, values, False), (not_name, not_values, True)):
+            if given:
+                found.append(
+                    _Field(label + field, field, tuple(given), negated, side, make, observe,
+                           http_only)
+                )  # fmt: skip
+    return found
 
 
 def _source_fields(index: int, source: Source, context: _Context) -> list[_Field]:
-    at = f"from[{index}].source."
-    principal = _principal_maker(context.trust_domains)
-    account = _service_account_maker(context.namespace)
-    return [
-        *_pair(
-            at,
-            "principals",
-            source.principals,
-            source.not_principals,
-            "principal",
-            principal,
-            "source.principal",
-        ),
-        *_pair(
-            at,
-            "requestPrincipals",
-            source.request_principals,
-            source.not_request_principals,
-            "principal",
-            request_principal,
-            "request.auth.principal",
-            http_only=True,
-        ),
-        *_pair(
-            at,
-            "namespaces",
-            source.namespaces,
-            source.not_namespaces,
-            "principal",
-            namespace_condition,
-            "source.principal",
-        ),
-        *_pair(
-            at,
-            "serviceAccounts",
-            source.service_accounts,
-            source.not_service_accounts,
-            "principal",
-            account,
-            "source.principal",
-        ),
-        *_pair(
-            at,
-            "ipBlocks",
-            source.ip_blocks,
-            source.not_ip_blocks,
-            "principal",
-            lambda v: DirectRemoteIp(cidr_of(v)),
-            "source.ip",
-        ),
-        *_pair(
-            at,
-            "remoteIpBlocks",
-            source.remote_ip_blocks,
-            source.not_remote_ip_blocks,
-            "principal",
-            lambda v: RemoteIp(cidr_of(v)),
-            "remote.ip",
-        ),
-    ]
+    s = source
+    rows: list[_Row] = [
+        ("principals", s.principals, s.not_principals,
+         _principal_maker(context.trust_domains), "source.principal", False),
+        ("requestPrincipals", s.request_principals, s.not_request_principals,
+         request_principal, "request.auth.principal", True),
+        ("namespaces", s.namespaces, s.not_namespaces, namespace_condition,
+         "source.principal", False),
+        ("serviceAccounts", s.service_accounts, s.not_service_accounts,
+         _service_account_maker(context.namespace), "source.principal", False),
+        ("ipBlocks", s.ip_blocks, s.not_ip_blocks, lambda v: DirectRemoteIp(cidr_of(v)),
+         "source.ip", False),
+        ("remoteIpBlocks", s.remote_ip_blocks, s.not_remote_ip_blocks,
+         lambda v: RemoteIp(cidr_of(v)), "remote.ip", False),
+    ]  # fmt: skip
+    return _fields(f"from[{index}].source.", "principal", rows)
 
 
 def _operation_fields(index: int, operation: Operation) -> list[_Field]:
-    at = f"to[{index}].operation."
-    return [
-        *_pair(
-            at,
-            "hosts",
-            operation.hosts,
-            operation.not_hosts,
-            "permission",
-            lambda v: Header(":authority", header_string(v, ignore_case=True)),
-            "host",
-            http_only=True,
-        ),
-        *_pair(
-            at,
-            "ports",
-            operation.ports,
-            operation.not_ports,
-            "permission",
-            lambda v: DestinationPort(int(v)),
-            "destination.port",
-        ),
-        *_pair(
-            at,
-            "methods",
-            operation.methods,
-            operation.not_methods,
-            "permission",
-            lambda v: Header(":method", header_string(v)),
-            "method",
-            http_only=True,
-        ),
-        *_pair(
-            at,
-            "paths",
-            operation.paths,
-            operation.not_paths,
-            "permission",
-            path_condition,
-            "path",
-            http_only=True,
-        ),
-    ]
+    o = operation
+    rows: list[_Row] = [
+        ("hosts", o.hosts, o.not_hosts,
+         lambda v: Header(":authority", header_string(v, ignore_case=True)), "host", True),
+        ("ports", o.ports, o.not_ports, lambda v: DestinationPort(int(v)), "destination.port",
+         False),
+        ("methods", o.methods, o.not_methods, lambda v: Header(":method", header_string(v)),
+         "method", True),
+        ("paths", o.paths, o.not_paths, path_condition, "path", True),
+    ]  # fmt: skip
+    return _fields(f"to[{index}].operation.", "permission", rows)
 
 
 def _when_fields(index: int, condition: WhenCondition, context: _Context) -> list[_Field]:
     key = condition.key
     side, make, http_only = _when_key(key, context)
-    label = f"when[{index}]"
-    found = []
-    for negated, values in ((False, condition.values), (True, condition.not_values)):
-        if values:
-            name = f"{key} notValues" if negated else key
-            found.append(
-                _Field(
-                    f"{label}.{'notValues' if negated else 'values'}",
-                    name,
-                    tuple(values),
-                    negated,
-                    side,
-                    make,
-                    key,
-                    http_only,
-                )
-            )
-    return found
+    parts = (("values", condition.values, False), ("notValues", condition.not_values, True))
+    return [
+        _Field(f"when[{index}].{part}", key, tuple(values), negated, side, make, key, http_only)
+        for part, values, negated in parts
+        if values
+    ]
 
 
 def _when_key(key: str, context: _Context) -> tuple[Side, Callable[[str], Condition], bool]:
