@@ -67,7 +67,6 @@ from verity.policy.matchers import (
     StringMatch,
     UrlPath,
 )
-from verity.policy.request import RequestProtocol
 from verity.xds.authn import JWT_FILTER, JWT_PAYLOAD_KEY, jwt_authn_filter
 from verity.xds.extauthz import ext_authz_filters, ext_authz_network_filter
 from verity.xds.tlsconfig import http_filter, network_filter
@@ -452,8 +451,3 @@ def _mentions_server_name(condition: Condition) -> bool:
     if isinstance(condition, Not):
         return _mentions_server_name(condition.item)
     return False
-
-
-def protocol_of(protocol: str) -> RequestProtocol:
-    """The evaluator's protocol of a Dataplane inbound protocol (http, http2, grpc, tcp)."""
-    return "tcp" if protocol == "tcp" else "http"
