@@ -43,6 +43,17 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/default/sa/web"]}}]
 """
 
+# While a test opens api to plaintext callers, authorization must let them in too.
+OPEN_API = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-open, namespace: default}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules: [{}]
+"""
+
 MODE = """\
 apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
@@ -147,6 +158,7 @@ def test_modes_change_live(mesh: Mesh) -> None:
     api = mesh.workloads["api"]
     plaintext = f"http://127.0.0.1:{api.inbound_port}/whoami"
     pids = {w.name: w.agent.pid for w in mesh.workloads.values() if w.agent}
+    mesh.apply(OPEN_API)
     try:
         mesh.apply(MODE.format(mode="PERMISSIVE"))
         wait_for(lambda: call(plaintext) == 200)
@@ -160,8 +172,32 @@ def test_modes_change_live(mesh: Mesh) -> None:
     finally:
         mesh.apply(MODE.format(mode="STRICT"))
         wait_for(lambda: call(plaintext) == 0)
+        assert mesh.cp.cli(["delete", "ap", "api-open", "-n", "default"]).returncode == 0
     assert web_calls_api(mesh)[1]["caller"] == "spiffe://cluster.local/ns/default/sa/web"
     assert pids == {w.name: w.agent.pid for w in mesh.workloads.values() if w.agent}
+
+
+def test_plaintext_caller_refused_by_authorization_is_logged(mesh: Mesh) -> None:
+    """Only web may call api: another caller gets a plain 403 and api's sidecar logs why."""
+    api = mesh.workloads["api"]
+    mesh.apply(MODE.format(mode="PERMISSIVE"))
+    try:
+        wait_for(lambda: call(f"http://127.0.0.1:{api.inbound_port}/secret") == 403)
+        reply = httpx.get(f"http://127.0.0.1:{api.inbound_port}/secret", timeout=5)
+        assert "api-from-web" not in reply.text  # no policy names leak to the caller
+
+        def logged() -> list[dict[str, object]]:
+            lines = [json.loads(x) for x in api.log_path.read_text().splitlines()
+                     if '"verity.access"' in x]
+            return [r for r in lines if r.get("path") == "/secret"]
+
+        wait_for(lambda: bool(logged()))
+        record = logged()[-1]
+        assert record["status"] == 403 and record["method"] == "GET"
+        assert str(record["port"]) == str(api.inbound_port)
+        assert "no ALLOW policy matched" in str(record["policy"])
+    finally:
+        mesh.apply(MODE.format(mode="STRICT"))
 
 
 def test_inspect_shows_acks_certificate_and_mode(mesh: Mesh) -> None:
@@ -274,10 +310,11 @@ def test_control_plane_sigkill_under_load_drops_nothing(mesh: Mesh) -> None:
         load.join(timeout=10)
     assert served_while_down > 0
     assert load.failures() == 0, load.results
-    # A change applied after the restart reaches the proxies.
+    # A change applied after the restart reaches the proxies: plaintext is now let in by the
+    # listener (and refused by authorization, as only web may call api).
     api = mesh.workloads["api"]
     mesh.apply(MODE.format(mode="PERMISSIVE"))
-    wait_for(lambda: call(f"http://127.0.0.1:{api.inbound_port}/whoami") == 200, timeout=15)
+    wait_for(lambda: call(f"http://127.0.0.1:{api.inbound_port}/whoami") == 403, timeout=15)
     mesh.apply(MODE.format(mode="STRICT"))
     wait_for(lambda: call(f"http://127.0.0.1:{api.inbound_port}/whoami") == 0, timeout=15)
 

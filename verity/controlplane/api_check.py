@@ -14,15 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from verity.controlplane import auth
 from verity.controlplane.api_common import ApiError, Caller
 from verity.controlplane.xdscontrol import XdsController
-from verity.policy import Decision, PolicyResult, Token, evaluate, policies_for
+from verity.policy import Decision, PolicyResult, Token, evaluate
 from verity.policy import Request as PolicyRequest
 from verity.policy.request import RequestProtocol
-from verity.resources import (
-    AuthorizationPolicy,
-    Dataplane,
-    RequestAuthentication,
-    TrafficPermission,
-)
+from verity.resources import Dataplane
 
 router = APIRouter(prefix="/api/v1")
 
@@ -107,24 +102,7 @@ async def check(body: CheckRequest, who: Caller, request: Request) -> dict[str, 
     snapshot = xds.index.snapshot(workload.spec.mesh, frozenset())
     if snapshot is None:
         raise ApiError(404, f"mesh {workload.spec.mesh!r} does not exist")
-    index = xds.index
-    policies = policies_for(
-        snapshot.mesh,
-        workload,
-        authorization_policies=[
-            r for r in index.of_kind("AuthorizationPolicy") if isinstance(r, AuthorizationPolicy)
-        ],
-        request_authentications=[
-            r
-            for r in index.of_kind("RequestAuthentication")
-            if isinstance(r, RequestAuthentication)
-        ],
-        traffic_permissions=[
-            r for r in index.of_kind("TrafficPermission") if isinstance(r, TrafficPermission)
-        ],
-        dataplanes=snapshot.dataplanes,
-        revoked=snapshot.revoked,
-    )
+    policies = snapshot.authorization(workload)
     token = Token(body.jwt_claims) if body.jwt_claims is not None else None
     probe = PolicyRequest(
         source_principal=body.source,

@@ -12,12 +12,15 @@ from datetime import datetime
 
 from verity.policy import PolicyKey
 from verity.resources import (
+    AuthorizationPolicy,
     Dataplane,
     KumaMesh,
     Mesh,
     PeerAuthentication,
+    RequestAuthentication,
     Resource,
     RevocationList,
+    TrafficPermission,
     parse_document,
 )
 from verity.store.base import EventType, ObjectKey, StoredObject, WatchEvent
@@ -105,6 +108,19 @@ class MeshIndex:
             mesh=mesh.as_verity_mesh(),
             dataplanes=dataplanes,
             peer_authentications=policies,
+            authorization_policies=tuple(
+                r for r in self.of_kind("AuthorizationPolicy") if isinstance(r, AuthorizationPolicy)
+            ),
+            request_authentications=tuple(
+                r
+                for r in self.of_kind("RequestAuthentication")
+                if isinstance(r, RequestAuthentication)
+            ),
+            traffic_permissions=tuple(
+                r
+                for r in self.of_kind("TrafficPermission")
+                if isinstance(r, TrafficPermission) and r.mesh == mesh_name
+            ),
             revoked=revoked,
             ready=frozenset(ready & keys),
             policy_created_at=created,

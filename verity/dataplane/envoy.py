@@ -18,10 +18,11 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,26 @@ def access_record(line: str) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict):
         return None
+    record["policy"] = refusing_policy(record)
     return {("access_" + k if k in _RESERVED_LOG_KEYS else k): v for k, v in record.items()}
+
+
+_MATCHED_POLICY = re.compile(r"rbac_access_denied_matched_policy\[(.*)\]$")
+
+
+def refusing_policy(record: Mapping[str, Any]) -> str | None:
+    """The RBAC policy (and rule) that refused, from the metadata or the response details.
+
+    `[none]` means an ALLOW filter refused because no ALLOW policy matched (or, with the
+    mesh's default DENY, none selects the workload).
+    """
+    named = record.get("policy")
+    if isinstance(named, str) and named not in ("", "-"):
+        return named
+    found = _MATCHED_POLICY.search(str(record.get("details") or ""))
+    if found is None:
+        return None
+    return "none: no ALLOW policy matched" if found.group(1) == "none" else found.group(1)
 
 
 _RESERVED_LOG_KEYS = frozenset({"msg", "message", "args", "name", "level", "module"})

@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 from verity.policy import MtlsMode
 from verity.resources import Dataplane
 from verity.resources.verity_kinds import DataplaneInbound
+from verity.xds.accesslog import refusal_access_log
 from verity.xds.rbac import http_authz_filters, network_authz_filters, uses_server_name
 from verity.xds.snapshot import MeshSnapshot
 from verity.xds.tlsconfig import (
@@ -201,6 +202,8 @@ def _http_manager(port: int, authz: tuple[Message, ...]) -> Message:
         # Authorization on paths needs one spelling of each path.
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
+        # Every refusal leaves a line naming the policy, the caller and the request.
+        access_log=[refusal_access_log()],
     )
     return network_filter("envoy.filters.network.http_connection_manager", manager)
 
