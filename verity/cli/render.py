@@ -221,7 +221,7 @@ def check_lines(view: dict[str, Any], explain: bool) -> list[str]:
     for policy in view["policies"]:
         if policy["matchedRule"] is not None:
             continue
-        reasons = "; ".join(f"rules[{r['index']}]: {r['reason']}" for r in policy["rules"])
+        reasons = "; ".join(r["reason"] for r in policy["rules"])
         lines.append(
             f"  {policy['policy']} ({policy['action']}) did not match: "
             f"{reasons or 'it has no rules'}"
