@@ -91,3 +91,36 @@ def test_check_follows_live_changes(cp: ControlPlane, tmp_path: Path) -> None:
         time.sleep(0.1)
     assert check(cp, *args)["verdict"] == "ALLOW"
     assert check(cp, *args, "--method", "POST")["verdict"] == "DENY"
+
+
+TCP_POLICY = """\
+apiVersion: verity.dev/v1alpha1
+kind: Dataplane
+metadata: {name: db-1, namespace: shop}
+spec:
+  service: db
+  serviceAccount: db
+  labels: {app: db}
+  address: 127.0.0.1
+  inbound: [{port: 15432, appPort: 5432, protocol: tcp}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-readers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/invoices"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+"""
+
+
+def test_apply_warns_about_http_fields_on_a_tcp_port(cp: ControlPlane) -> None:
+    result = cp.cli(["apply", "-f", "-"], stdin=TCP_POLICY)
+    assert result.returncode == 0, result.stderr
+    assert "warning: AuthorizationPolicy shop/db-readers rules[0]" in result.stderr
+    assert "on TCP port 15432 this ALLOW rule never matches" in result.stderr
+    # ...and the evaluator agrees: the rule cannot admit a TCP connection.
+    view = check(cp, "--from", "spiffe://cluster.local/ns/shop/sa/invoices", "--to", "db")
+    assert view["verdict"] == "DENY"

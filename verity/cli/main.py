@@ -148,6 +148,8 @@ def _write(endpoint: str, files: list[str], recursive: bool, dry_run: bool) -> N
         reply = client.request("POST", endpoint, params={"dryRun": dry_run}, content=body)
     for line in render.write_results(reply["results"], dry_run):
         typer.echo(line)
+    for warning in reply.get("warnings", []):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 FilesOption = Annotated[

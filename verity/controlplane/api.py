@@ -30,6 +30,7 @@ from verity.controlplane.bodylimit import BodyLimitMiddleware, BodyTooLarge
 from verity.controlplane.meshca import MeshCAs, MeshView, new_ca
 from verity.controlplane.metrics import ApiMetrics
 from verity.controlplane.secrets_guard import inline_private_keys
+from verity.controlplane.warnings import apply_warnings
 from verity.controlplane.xdscontrol import XdsController
 from verity.pki import PkiError
 from verity.resources import (
@@ -267,7 +268,22 @@ def create_app(
             )
         results = await store.write(ops, actor=who.name, dry_run=dry_run)
         metrics.writes.inc(0 if dry_run else len(results))
-        return {"dryRun": dry_run, "results": [_result_view(r) for r in results]}
+        warnings = _warnings(resources) if action != WriteAction.DELETE else []
+        return {
+            "dryRun": dry_run,
+            "results": [_result_view(r) for r in results],
+            "warnings": warnings,
+        }
+
+    def _warnings(resources: list[Resource]) -> list[str]:
+        if xds is None:
+            return []
+        roots = {
+            r.name: r.as_verity_mesh().root_namespace
+            for r in xds.index.of_kind("Mesh")
+            if isinstance(r, Mesh | KumaMesh)
+        }
+        return apply_warnings(resources, xds.index.of_kind("Dataplane"), roots)
 
     @app.post("/api/v1/apply")
     async def apply(
