@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 _FIELDS = {
     "access": "inbound",
-    "event": "denied",
+    "event": "error_response",  # every 4xx/5xx: refusals and failures
     "start": "%START_TIME%",
     "caller": "%DOWNSTREAM_PEER_URI_SAN%",
     "source": "%DOWNSTREAM_REMOTE_ADDRESS%",

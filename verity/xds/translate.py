@@ -43,8 +43,11 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
+from verity.policy.authz import compiled_policies
 from verity.resources import Dataplane
 from verity.xds import typeurls
+from verity.xds.authn import jwks_clusters
+from verity.xds.extauthz import ext_authz_cluster
 from verity.xds.inbound import inbound_clusters, inbound_listeners, inbound_routes
 from verity.xds.outbound import (
     LOCAL_HOST,
@@ -77,7 +80,11 @@ def translate(snapshot: MeshSnapshot, dataplane_key: str) -> Resources:
         *inbound_listeners(snapshot, dataplane, transparent=transparent),
         *outbound_listeners(wanted),
     ]
-    clusters = [*inbound_clusters(dataplane), *outbound_clusters(wanted, snapshot.mesh.tls)]
+    clusters = [
+        *inbound_clusters(dataplane),
+        *outbound_clusters(wanted, snapshot.mesh.tls),
+        *_authorization_clusters(snapshot, dataplane),
+    ]
     if transparent:
         listeners += [
             *transparent_listeners(wanted, _own_addresses(dataplane)),
@@ -90,6 +97,23 @@ def translate(snapshot: MeshSnapshot, dataplane_key: str) -> Resources:
         typeurls.LISTENER: _by_name(listeners),
         typeurls.ROUTE: _by_name([*inbound_routes(dataplane), *outbound_routes(wanted)]),
     }
+
+
+def _authorization_clusters(snapshot: MeshSnapshot, dataplane: Dataplane) -> list[Message]:
+    """Clusters the inbound filters call out to: the ext-authz providers of the CUSTOM policies
+    that select this workload, and the remote JWKS of its RequestAuthentications."""
+    policies = snapshot.authorization(dataplane)
+    names = {
+        p.provider
+        for protocol in ("http", "tcp")
+        for p in compiled_policies(policies, protocol)
+        if p.provider
+    }
+    providers = [snapshot.mesh.authorization.provider(name) for name in sorted(names)]
+    return [
+        *(ext_authz_cluster(p) for p in providers if p is not None),  # unknown: fails closed
+        *jwks_clusters(policies.request_authentications),
+    ]
 
 
 def _by_name(messages: Iterable[Message]) -> dict[str, Message]:
