@@ -3,8 +3,11 @@ observed result matched the expected one."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 from tests.support import REPO
 
@@ -28,3 +31,26 @@ def test_demo_tour_runs_cleanly() -> None:
     # Nothing is left running: the demo stops every process it started.
     leftover = subprocess.run(["pgrep", "-f", "verity-demo-"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def test_ctrl_c_in_the_middle_stops_everything() -> None:
+    """Ctrl-C reaches the whole foreground process group, as a terminal sends it."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "demo"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(6)  # in the middle of bringing the mesh up
+        os.killpg(demo.pid, signal.SIGINT)
+        out, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    assert "every process it started is gone" in out or "demo finished" in out, out[-2000:]
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-g", str(demo.pid)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "processes of the demo are still running"
