@@ -18,8 +18,8 @@ from verity import __version__
 from verity.cli import render
 from verity.cli.client import ApiClient, CliError, resolve_target
 from verity.cli.dataplane import dataplane_app
-from verity.cli.durations import parse_duration
 from verity.resources import InvalidResource, kind_alias, load_documents
+from verity.resources.common import parse_duration
 
 app = typer.Typer(
     name="verity",
@@ -304,9 +304,12 @@ def token_create_dataplane(
 
 def _seconds(text: str, flag: str) -> int:
     try:
-        return int(parse_duration(text).total_seconds())
+        seconds = int(parse_duration(text).total_seconds())
     except ValueError as exc:
         raise CliError(f"{flag}: {exc}") from exc
+    if seconds <= 0:
+        raise CliError(f"{flag}: {text!r} must be at least one second")
+    return seconds
 
 
 @identity_app.command("revoke")

@@ -71,13 +71,18 @@ def user_scope(
     }
 
 
-def caller_from_record(record: TokenRecord, now: datetime) -> Caller:
+def require_live(record: TokenRecord, kind: str, now: datetime, wrong_kind: str) -> None:
+    """Refuse a revoked or expired token, or one of another kind (`wrong_kind` says why)."""
     if record.revoked_at is not None:
         raise Unauthenticated("token has been revoked")
     if record.expires_at is not None and datetime.fromisoformat(record.expires_at) <= now:
         raise Unauthenticated("token has expired")
-    if record.kind != "user":
-        raise Unauthenticated("this token is not valid for the API")
+    if record.kind != kind:
+        raise Unauthenticated(wrong_kind)
+
+
+def caller_from_record(record: TokenRecord, now: datetime) -> Caller:
+    require_live(record, "user", now, "this token is not valid for the API")
     scope: Mapping[str, Any] = record.scope
     return Caller(
         name=record.name,

@@ -139,8 +139,11 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):  # type: ignor
         if mismatch:
             log.warning(
                 "registration refused",
-                extra={"token_name": caller.token_name, "dataplane": dataplane.subject,
-                       "reason": mismatch},
+                extra={
+                    "token_name": caller.token_name,
+                    "dataplane": dataplane.subject,
+                    "reason": mismatch,
+                },
             )
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, mismatch)
         op = WriteOp(

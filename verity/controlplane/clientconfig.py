@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from verity.controlplane.privatefile import write_private_file
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -29,11 +31,8 @@ def config_path() -> Path:
 def write_client_config(api: str, token_file: Path) -> Path:
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"api": api, "tokenFile": str(token_file.resolve())}, handle)
-    os.replace(tmp, path)
+    config = {"api": api, "tokenFile": str(token_file.resolve())}
+    write_private_file(path, json.dumps(config).encode())
     return path
 
 

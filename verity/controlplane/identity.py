@@ -41,12 +41,7 @@ class AuthenticatedDataplane:
 
 
 def identity_from_record(record: TokenRecord, now: datetime) -> WorkloadIdentity:
-    if record.revoked_at is not None:
-        raise auth.Unauthenticated("token has been revoked")
-    if record.expires_at is not None and datetime.fromisoformat(record.expires_at) <= now:
-        raise auth.Unauthenticated("token has expired")
-    if record.kind != DATAPLANE_KIND:
-        raise auth.Unauthenticated("not a dataplane token")
+    auth.require_live(record, DATAPLANE_KIND, now, "not a dataplane token")
     scope = record.scope
     return WorkloadIdentity(
         mesh=str(scope["mesh"]),

@@ -25,6 +25,7 @@ from verity.controlplane.api import create_app
 from verity.controlplane.ca_service import CertificateService, add_to_server
 from verity.controlplane.clientconfig import write_client_config
 from verity.controlplane.meshca import MeshCAs
+from verity.controlplane.privatefile import write_private_file
 from verity.controlplane.servingtls import CA_CERT, ensure_serving_credentials
 from verity.controlplane.xdscontrol import XdsController
 from verity.pki import load_kek
@@ -85,19 +86,6 @@ async def ensure_default_mesh(store: Store) -> None:
         pass  # another replica created it first
 
 
-def write_private_file(path: Path, content: str) -> None:
-    """Write a 0600 file atomically (the secret never exists with wider permissions)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 async def ensure_admin_token(store: Store, data_dir: Path) -> Path:
     """Create the admin token on first start; reuse it while its file and record both exist."""
     token_file = data_dir / ADMIN_TOKEN_FILE
@@ -122,7 +110,7 @@ async def ensure_admin_token(store: Store, data_dir: Path) -> Path:
             expires_at=None,
         )
     )
-    write_private_file(token_file, secret + "\n")
+    write_private_file(token_file, (secret + "\n").encode())
     log.info("admin token created", extra={"token_name": name, "file": str(token_file)})
     return token_file
 

@@ -9,7 +9,6 @@ verify the control plane against it; there is no "insecure" mode.
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from verity.controlplane.privatefile import write_private_file
 
 CA_CERT = "cp-ca.pem"
 CA_KEY = "cp-ca.key"
@@ -33,13 +34,6 @@ class ServingCredentials:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -121,7 +115,7 @@ def ensure_serving_credentials(data_dir: Path, names: list[str]) -> ServingCrede
         ca_key = loaded
     else:
         ca, ca_key = _make_ca(now)
-        _write_private(ca_key_path, _key_pem(ca_key))
+        write_private_file(ca_key_path, _key_pem(ca_key))
         ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_path, key_path, names_path = (
         data_dir / SERVING_CERT,
@@ -139,7 +133,7 @@ def ensure_serving_credentials(data_dir: Path, names: list[str]) -> ServingCrede
     )
     if not fresh:
         cert, key = _make_serving(ca, ca_key, names, now)
-        _write_private(key_path, _key_pem(key))
+        write_private_file(key_path, _key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         names_path.write_text(wanted)
     return ServingCredentials(
